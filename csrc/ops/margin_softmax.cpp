@@ -1,0 +1,139 @@
+// Torch glue of the fused margin softmax: schemas, argument checks, backend registration.
+//
+// The private ops work on a block of classes [class_start, class_start + weight.size(0)) of a
+// problem with num_classes classes in all, so the single-device loss (class_start = 0,
+// num_classes = C) and a class-sharded classifier (one block per rank) share them unchanged.
+// oclear_ext/_ops/margin_softmax.py registers fake kernels and autograd and builds the loss.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+
+#include <oclear/checks.h>
+#include <oclear/margin.h>
+
+#include "../cpu/margin_softmax.h"
+
+namespace oclear {
+namespace {
+
+constexpr const char* kOp = "oclear_ext.margin_softmax_loss: ";
+
+void check_float_matrix(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 2, kOp, name, " must be a 2-D tensor, got shape ", t.sizes());
+  const auto dt = t.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+                   kOp, name, " must be float32, float64, bfloat16 or float16, got ", dt);
+}
+
+// Everything both ops check: shapes, dtypes, devices, the class block, labels and margins.
+cpu::MarginSoftmaxArgs check_problem(const at::Tensor& embeddings, const at::Tensor& weight,
+                                     const at::Tensor& labels, int64_t class_start,
+                                     int64_t num_classes, double scale, double m1, double m2,
+                                     double m3, std::optional<double> interclass_filter,
+                                     int64_t ignore_index, bool straight_through) {
+  check_float_matrix(embeddings, "embeddings");
+  check_float_matrix(weight, "weight");
+  TORCH_CHECK_TYPE(weight.scalar_type() == embeddings.scalar_type(), kOp,
+                   "weight and embeddings must have the same dtype, got weight ",
+                   weight.scalar_type(), " and embeddings ", embeddings.scalar_type());
+  TORCH_CHECK_VALUE(embeddings.size(1) >= 1, kOp, "embedding dimension must be >= 1, got shape ",
+                    embeddings.sizes());
+  TORCH_CHECK_VALUE(weight.size(1) == embeddings.size(1), kOp,
+                    "weight must have shape (num_classes, D) with the embeddings' D = ",
+                    embeddings.size(1), ", got weight shape ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(0) >= 1, kOp,
+                    "weight holds no classes (an empty class shard), got shape ", weight.sizes());
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, kOp, "labels must be int64, got ",
+                   labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == embeddings.size(0), kOp,
+                    "labels must have shape (N,) = (", embeddings.size(0),
+                    ",) to match the embeddings, got ", labels.sizes());
+  TORCH_CHECK_VALUE(embeddings.device() == weight.device() && labels.device() == weight.device(),
+                    kOp, "embeddings, weight and labels must be on one device, got embeddings on ",
+                    embeddings.device(), ", weight on ", weight.device(), ", labels on ",
+                    labels.device());
+  TORCH_CHECK_VALUE(class_start >= 0 && class_start + weight.size(0) <= num_classes, kOp,
+                    "the weight block [", class_start, ", ", class_start + weight.size(0),
+                    ") must lie within the ", num_classes, " classes");
+  const std::string margin_error = margin_settings_error(
+      scale, m1, m2, m3, interclass_filter.has_value(), interclass_filter.value_or(0.0));
+  TORCH_CHECK_VALUE(margin_error.empty(), kOp, margin_error);
+
+  if (labels.device().is_cpu()) {
+    const at::Tensor lab = labels.contiguous();
+    const int64_t* p = lab.data_ptr<int64_t>();
+    for (int64_t i = 0; i < lab.numel(); ++i) {
+      TORCH_CHECK_INDEX(p[i] == ignore_index || (p[i] >= 0 && p[i] < num_classes), kOp,
+                        "labels[", i, "] = ", p[i], " is out of range: expected a class id in [0, ",
+                        num_classes, ") or ignore_index = ", ignore_index);
+    }
+  }
+  return cpu::MarginSoftmaxArgs{
+      class_start, ignore_index,
+      make_margin_params(scale, m1, m2, m3, interclass_filter.has_value(),
+                         interclass_filter.value_or(0.0), straight_through)};
+}
+
+void check_row_vector(const at::Tensor& t, int64_t n, at::ScalarType acc, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, "margin_softmax_backward: ", name,
+                    " must have shape (", n, ",), got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == acc, "margin_softmax_backward: ", name, " must be ", acc,
+                   ", got ", t.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
+    int64_t class_start, int64_t num_classes, double scale, double m1, double m2, double m3,
+    std::optional<double> interclass_filter, int64_t ignore_index, bool straight_through) {
+  const cpu::MarginSoftmaxArgs args =
+      check_problem(embeddings, weight, labels, class_start, num_classes, scale, m1, m2, m3,
+                    interclass_filter, ignore_index, straight_through);
+  return cpu::margin_softmax_forward(embeddings, weight, labels, args);
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_lse, const at::Tensor& grad_target, const at::Tensor& embeddings,
+    const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& lse,
+    const at::Tensor& weight_inv_norm, int64_t class_start, int64_t num_classes, double scale,
+    double m1, double m2, double m3, std::optional<double> interclass_filter, int64_t ignore_index,
+    bool straight_through, bool need_grad_embeddings, bool need_grad_weight) {
+  const cpu::MarginSoftmaxArgs args =
+      check_problem(embeddings, weight, labels, class_start, num_classes, scale, m1, m2, m3,
+                    interclass_filter, ignore_index, straight_through);
+  const at::ScalarType acc = at::toOpMathType(embeddings.scalar_type());
+  const int64_t n = embeddings.size(0);
+  check_row_vector(grad_lse, n, acc, "grad_lse");
+  check_row_vector(grad_target, n, acc, "grad_target");
+  check_row_vector(lse, n, acc, "lse");
+  check_row_vector(weight_inv_norm, weight.size(0), acc, "weight_inv_norm");
+  return cpu::margin_softmax_backward(grad_lse, grad_target, embeddings, weight, labels, lse,
+                                      weight_inv_norm, args, need_grad_embeddings,
+                                      need_grad_weight);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(oclear, m) {
+  m.def(
+      "margin_softmax_forward(Tensor embeddings, Tensor weight, Tensor labels, int class_start, "
+      "int num_classes, float scale, float m1, float m2, float m3, float? interclass_filter, "
+      "int ignore_index, bool straight_through) -> (Tensor lse, Tensor target_logit, "
+      "Tensor weight_inv_norm)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "margin_softmax_backward(Tensor grad_lse, Tensor grad_target, Tensor embeddings, "
+      "Tensor weight, Tensor labels, Tensor lse, Tensor weight_inv_norm, int class_start, "
+      "int num_classes, float scale, float m1, float m2, float m3, float? interclass_filter, "
+      "int ignore_index, bool straight_through, bool need_grad_embeddings, "
+      "bool need_grad_weight) -> (Tensor grad_embeddings, Tensor grad_weight)",
+      {at::Tag::pt2_compliant_tag});
+}
+
+TORCH_LIBRARY_IMPL(oclear, CPU, m) {
+  m.impl("margin_softmax_forward", &forward_cpu);
+  m.impl("margin_softmax_backward", &backward_cpu);
+}
+
+}  // namespace oclear

@@ -1,0 +1,1 @@
+"""Python side of each op: fake kernels, autograd, public wrappers."""

@@ -1,0 +1,174 @@
+"""Python side of the fused margin softmax: settings, fake kernels, autograd, the public loss.
+
+The C++ op `oclear::margin_softmax_forward` returns, for the weight rows it is given (a block of
+classes starting at `class_start`), the per-row log-sum-exp of the logits and the target logit:
+
+    lse_i    = log sum_{c in block} exp(z_ic)          (the online-softmax max and sum-exp, folded)
+    target_i = z_{i, y_i} if y_i is in the block, else 0
+
+so the loss of one block covering all classes is  lse_i - target_i,  and blocks held by different
+processes combine by a log-sum-exp of their lse and a sum of their targets. Folding max and sum-exp
+into lse keeps the op differentiable in the ordinary sense: dLoss/dz_ic = grad_lse_i * softmax_ic
++ grad_target_i * [c == y_i], which is what `oclear::margin_softmax_backward` evaluates tile by tile.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+OP_NAME = "oclear_ext.margin_softmax_loss"
+REDUCTIONS = ("mean", "sum", "none")
+ARCFACE_GRADS = ("exact", "straight_through")
+
+
+@dataclass(frozen=True)
+class MarginSettings:
+    """Validated settings of a margin softmax (everything but the tensors).
+
+    margin = (m1, m2, m3): the target logit is scale * (cos(m1 * theta + m2) - m3).
+    """
+
+    scale: float = 64.0
+    margin: tuple[float, float, float] = (1.0, 0.0, 0.4)
+    arcface_grad: str = "exact"
+    interclass_filter: float | None = None
+    ignore_index: int = -100
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.scale, Real) or isinstance(self.scale, bool):
+            raise TypeError(f"{OP_NAME}: scale must be a real number, got {self.scale!r}")
+        if not math.isfinite(self.scale) or self.scale <= 0:
+            raise ValueError(f"{OP_NAME}: scale must be a finite number > 0, got {self.scale}")
+        margin = tuple(self.margin) if isinstance(self.margin, (tuple, list)) else None
+        if margin is None or len(margin) != 3 or not all(isinstance(m, Real) for m in margin):
+            raise ValueError(f"{OP_NAME}: margin must be a tuple of three numbers (m1, m2, m3), got {self.margin!r}")
+        object.__setattr__(self, "margin", tuple(float(m) for m in margin))
+        object.__setattr__(self, "scale", float(self.scale))
+        if self.arcface_grad not in ARCFACE_GRADS:
+            raise ValueError(f"{OP_NAME}: arcface_grad must be one of {ARCFACE_GRADS}, got {self.arcface_grad!r}")
+        if self.interclass_filter is not None and not isinstance(self.interclass_filter, Real):
+            raise TypeError(f"{OP_NAME}: interclass_filter must be a number or None, got {self.interclass_filter!r}")
+        if not isinstance(self.ignore_index, int) or isinstance(self.ignore_index, bool):
+            raise TypeError(f"{OP_NAME}: ignore_index must be an int, got {self.ignore_index!r}")
+        # Ranges of m1, m2, m3 and the filter are checked in C++ (csrc/include/oclear/checks.h),
+        # once for every backend.
+
+    def op_args(self) -> tuple:
+        """The trailing positional arguments of the private ops, after class_start and num_classes."""
+        m1, m2, m3 = self.margin
+        filt = None if self.interclass_filter is None else float(self.interclass_filter)
+        return (self.scale, m1, m2, m3, filt, self.ignore_index, self.arcface_grad == "straight_through")
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{OP_NAME}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def reduce_rows(per_row: Tensor, valid: Tensor, reduction: str, num_valid: Tensor | None = None) -> Tensor:
+    """Applies `reduction` to per-row losses; ignored rows contribute 0.
+
+    `num_valid` is the mean's denominator (the number of non-ignored rows of the global batch when
+    the batch is spread over processes; defaults to `valid.sum()`). A mean over zero valid rows is 0,
+    with zero gradient, rather than F.cross_entropy's NaN, so a fully ignored batch cannot poison a run.
+    """
+    per_row = torch.where(valid, per_row, torch.zeros((), dtype=per_row.dtype, device=per_row.device))
+    if reduction == "none":
+        return per_row
+    if reduction == "sum":
+        return per_row.sum()
+    if num_valid is None:
+        num_valid = valid.sum()
+    return per_row.sum() / num_valid.clamp_min(1).to(per_row.dtype)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("oclear::margin_softmax_forward")
+def _forward_fake(embeddings, weight, labels, class_start, num_classes, scale, m1, m2, m3,
+                  interclass_filter, ignore_index, straight_through):
+    torch._check(embeddings.dim() == 2 and weight.dim() == 2, lambda: f"{OP_NAME}: embeddings and weight must be 2-D")
+    torch._check(weight.shape[1] == embeddings.shape[1], lambda: f"{OP_NAME}: weight and embeddings differ in D")
+    acc = _accumulation_dtype(embeddings.dtype)
+    n, c = embeddings.shape[0], weight.shape[0]
+    return embeddings.new_empty(n, dtype=acc), embeddings.new_empty(n, dtype=acc), embeddings.new_empty(c, dtype=acc)
+
+
+@torch.library.register_fake("oclear::margin_softmax_backward")
+def _backward_fake(grad_lse, grad_target, embeddings, weight, labels, lse, weight_inv_norm, class_start,
+                   num_classes, scale, m1, m2, m3, interclass_filter, ignore_index, straight_through,
+                   need_grad_embeddings, need_grad_weight):
+    grad_x = torch.empty_like(embeddings, memory_format=torch.contiguous_format) if need_grad_embeddings else embeddings.new_empty(0)
+    grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_grad_weight else weight.new_empty(0)
+    return grad_x, grad_w
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    embeddings, weight, labels, *settings = inputs
+    lse, _target, weight_inv_norm = output
+    ctx.save_for_backward(embeddings, weight, labels, lse, weight_inv_norm)
+    ctx.settings = settings  # class_start, num_classes, scale, m1, m2, m3, filter, ignore_index, straight_through
+
+
+def _backward(ctx, grad_lse, grad_target, _grad_weight_inv_norm):
+    embeddings, weight, labels, lse, weight_inv_norm = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
+    grad_target = torch.zeros_like(lse) if grad_target is None else grad_target
+    grad_x, grad_w = torch.ops.oclear.margin_softmax_backward(
+        grad_lse, grad_target, embeddings, weight, labels, lse, weight_inv_norm, *ctx.settings, need_x, need_w
+    )
+    no_grads = (None,) * len(ctx.settings)
+    return (grad_x if need_x else None, grad_w if need_w else None, None, *no_grads)
+
+
+torch.library.register_autograd("oclear::margin_softmax_forward", _backward, setup_context=_setup_context)
+
+
+def margin_softmax_loss(
+    embeddings: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    scale: float = 64.0,
+    margin: tuple[float, float, float] = (1.0, 0.0, 0.4),
+    arcface_grad: str = "exact",
+    interclass_filter: float | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor:
+    """Normalised margin softmax cross-entropy, fused: never materialises the N x C logits.
+
+    Args:
+        embeddings: (N, D) float32 | float64 | bfloat16 | float16; normalised inside.
+        weight: (C, D) class centres, same dtype; normalised inside (no normalised copy is made).
+        labels: (N,) int64 class ids in [0, C), or `ignore_index`.
+        scale: s > 0, the logit scale.
+        margin: (m1, m2, m3); the target logit is s * (cos(m1 * theta + m2) - m3) (insightface's combined
+            margin: CosFace (1, 0, m), ArcFace (1, m, 0), SphereFace (m, 0, 0)); past m1 * theta + m2 = pi
+            it continues linearly and monotonically.
+        arcface_grad: "exact" differentiates the margin (sin(theta) floored at 1e-4); "straight_through"
+            passes the gradient of the target cosine through unchanged (insightface's behaviour).
+        interclass_filter: negatives whose cosine exceeds this threshold count as cos = 0 and get no gradient.
+        ignore_index: rows with this label contribute nothing.
+        reduction: "mean" (over non-ignored rows; 0 if there are none), "sum" or "none" (per row, 0 for ignored).
+
+    Returns:
+        The loss: a scalar, or (N,) for reduction="none"; float32 for 16-bit inputs (the statistics are
+        accumulated in float32), float64 for float64.
+    """
+    settings = MarginSettings(scale, margin, arcface_grad, interclass_filter, ignore_index)
+    check_reduction(reduction)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"{OP_NAME}: weight must be a 2-D tensor (C, D), got {getattr(weight, 'shape', weight)!r}")
+    lse, target, _ = torch.ops.oclear.margin_softmax_forward(
+        embeddings, weight, labels, 0, weight.shape[0], *settings.op_args()
+    )
+    return reduce_rows(lse - target, labels != ignore_index, reduction)

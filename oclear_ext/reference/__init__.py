@@ -1,0 +1,8 @@
+"""Plain-PyTorch references: the ground truth of the tests and the baseline of the benchmarks.
+
+They materialise everything (the N x C logits included) and import nothing else of oclear_ext.
+"""
+
+from .margin_softmax import margin_softmax_loss
+
+__all__ = ["margin_softmax_loss"]

@@ -1,0 +1,85 @@
+"""Builds oclear_ext._C against the installed torch: `pip install --no-build-isolation .`
+
+CPU kernels always. CUDA kernels when torch has CUDA and nvcc is found; FORCE_CUDA=1 forces them,
+OCLEAR_SKIP_CUDA=1 skips them. With CUDA on and no GPU visible, TORCH_CUDA_ARCH_LIST defaults to
+"8.0;9.0" (A100, H100) instead of failing to detect an architecture. The configuration is printed
+and recorded in oclear_ext/_build_info.py, which the package checks at import.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import platform
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def cuda_decision() -> tuple[bool, str]:
+    if os.environ.get("OCLEAR_SKIP_CUDA") == "1":
+        return False, "OCLEAR_SKIP_CUDA=1"
+    if os.environ.get("FORCE_CUDA") == "1":
+        return True, "FORCE_CUDA=1"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} has no CUDA"
+    if CUDA_HOME is None:
+        return False, "nvcc not found (set CUDA_HOME)"
+    return True, f"torch CUDA {torch.version.cuda}, nvcc under {CUDA_HOME}"
+
+
+def sources(folder: str, pattern: str) -> list[str]:
+    # Relative paths: setuptools refuses absolute source paths in some versions.
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", folder, pattern)))
+
+
+def write_build_info(with_cuda: bool, reason: str, archs: str | None, cxx_flags: list[str]) -> None:
+    info = {
+        "torch_version": torch.__version__,
+        "with_cuda": with_cuda,
+        "cuda_reason": reason,
+        "cuda_version": torch.version.cuda if with_cuda else None,
+        "cuda_archs": archs,
+        "cxx_flags": cxx_flags,
+        "machine": platform.machine(),
+    }
+    path = os.path.join(ROOT, "oclear_ext", "_build_info.py")
+    with open(path, "w") as f:
+        f.write("# Written by setup.py at build time; checked by oclear_ext/__init__.py at import.\n")
+        f.write(f"BUILD_INFO = {info!r}\n")
+
+
+def extension():
+    with_cuda, reason = cuda_decision()
+    cxx_flags = ["-O3", "-fopenmp-simd"]
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    srcs = sources("ops", "*.cpp") + sources("cpu", "*.cpp")
+    archs = None
+    if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "detected from the visible GPU")
+        srcs += sources("cuda", "*.cu")
+        ext = CUDAExtension(
+            "oclear_ext._C",
+            srcs,
+            include_dirs=include_dirs,
+            define_macros=[("OCLEAR_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+        )
+    else:
+        ext = CppExtension("oclear_ext._C", srcs, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})
+    print(
+        f"oclear_ext build: torch {torch.__version__}, CUDA kernels {'ON' if with_cuda else 'OFF'} ({reason})"
+        + (f", archs {archs}" if with_cuda else "")
+        + f", {len(srcs)} sources"
+    )
+    write_build_info(with_cuda, reason, archs, cxx_flags)
+    return ext
+
+
+setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension})
