@@ -1,14 +1,18 @@
-// CPU margin softmax: class tiles, one GEMM per tile through at::mm (MKL / oneDNN), fused epilogue.
+// CPU margin softmax: class chunks, one GEMM per chunk through at::mm (MKL / oneDNN), fused epilogue.
 //
-// Forward, per tile of T classes:  S = x^ (N, D) @ W_tile^T (D, T)  -> raw dot products,
-//   cos = S * w_inv (no normalised copy of W), logits, online softmax into per-thread row states.
-// Backward, per tile: recompute S, turn it into B = dLoss/dcos * w_inv (epilogue), then
-//   dx^ += B @ W_tile            (per-thread accumulator, summed at the end)
+// Forward, per chunk of T classes:  S = x^ (N, D) @ W_chunk^T (D, T)  -> raw dot products,
+//   cos = S * w_inv (no normalised copy of W), logits, online softmax into one state per row.
+// Backward, per chunk: recompute S, turn it into B = dLoss/dcos * w_inv (epilogue), then
+//   dx^ += B @ W_chunk
 //   E    = B^T @ x^  (T, D)      = w_inv_c * dLoss/dw^_c
 //   dW_c = E_c - w_c * w_inv_c^2 * (w_c . E_c)   (chain rule through w^ = w / |w|)
-// Tiles run in parallel (at::parallel_for, one GEMM per thread, MKL sequential inside). Memory
-// beyond inputs and outputs: x^ (N x D), and per thread a tile (N x T), a converted weight tile and
-// a dx^ accumulator (N x D); nothing of size N x C.
+// Parallelism: the GEMMs use BLAS's own threads; the epilogues run at::parallel_for over rows (the
+// projection over classes). The chunks themselves are a serial loop: nesting single-threaded GEMMs
+// inside a parallel loop would need BLAS to stay sequential there, which torch's MKL settings
+// (dynamic threading off) do not give, and measured 2-thread MKL GEMMs at these shapes already
+// scale perfectly (about 2 x 105 GFLOP/s on this machine).
+// Memory beyond inputs and outputs: x^ and dx^ (N x D), a chunk of logits (N x T), a converted
+// weight chunk and E (T x D); nothing of size N x C.
 #include "margin_softmax.h"
 
 #include <ATen/Dispatch.h>
@@ -25,13 +29,18 @@
 namespace oclear::cpu {
 namespace {
 
-// Classes per tile: the N x T tile of logits should stay in L2 (about 1 MiB here) between the GEMM
-// that writes it and the epilogue that reads it.
-int64_t tile_classes(int64_t n) {
-  constexpr int64_t kTileElements = 256 * 1024;
-  const int64_t t = kTileElements / std::max<int64_t>(n, 1);
-  return std::clamp<int64_t>(t / 16 * 16, 16, 1024);
+// Classes per chunk: large enough for the GEMMs to run at full rate on all threads, small enough
+// for the N x T chunk of logits (2 MiB in float32) to stay in cache between the GEMM that writes it
+// and the epilogue that reads it.
+int64_t chunk_classes(int64_t n) {
+  constexpr int64_t kChunkElements = 512 * 1024;
+  const int64_t t = kChunkElements / std::max<int64_t>(n, 1);
+  return std::clamp<int64_t>(t / 64 * 64, 256, 4096);
 }
+
+
+// Rows per parallel piece of an epilogue (each row is a few thousand elements of work).
+constexpr int64_t kRowGrain = 16;
 
 struct Normalized {
   at::Tensor x_hat;  // (N, D) acc dtype
@@ -45,9 +54,9 @@ Normalized normalize_rows(const at::Tensor& x, at::ScalarType acc) {
 }
 
 // The weight rows [c0, c0 + t) in the accumulation dtype: a view when no conversion is needed,
-// else a copy into the thread's buffer.
+// else a copy into `buffer`.
 template <typename scalar_t, typename acc_t>
-at::Tensor weight_tile(const at::Tensor& weight, int64_t c0, int64_t t, at::Tensor& buffer) {
+at::Tensor weight_chunk(const at::Tensor& weight, int64_t c0, int64_t t, at::Tensor& buffer) {
   const at::Tensor rows = weight.narrow(0, c0, t);
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return rows;
@@ -59,13 +68,15 @@ at::Tensor weight_tile(const at::Tensor& weight, int64_t c0, int64_t t, at::Tens
 
 template <typename acc_t>
 void inverse_norms(const acc_t* w, int64_t t, int64_t d, acc_t* w_inv) {
-  for (int64_t c = 0; c < t; ++c) {
-    const acc_t* row = w + c * d;
-    acc_t ss = 0;
+  at::parallel_for(0, t, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const acc_t* row = w + c * d;
+      acc_t ss = 0;
 #pragma omp simd reduction(+ : ss)
-    for (int64_t k = 0; k < d; ++k) ss += row[k] * row[k];
-    w_inv[c] = acc_t(1) / std::max<acc_t>(std::sqrt(ss), acc_t(kNormEps));
-  }
+      for (int64_t k = 0; k < d; ++k) ss += row[k] * row[k];
+      w_inv[c] = acc_t(1) / std::max<acc_t>(std::sqrt(ss), acc_t(kNormEps));
+    }
+  });
 }
 
 // dW_c = E_c - w_c * w_inv_c^2 * (w_c . E_c), or E_c where |w_c| <= eps (w^ = w / eps there, so
@@ -73,16 +84,20 @@ void inverse_norms(const acc_t* w, int64_t t, int64_t d, acc_t* w_inv) {
 template <typename acc_t, typename scalar_t>
 void project_weight_grad(const acc_t* e, const acc_t* w, const acc_t* w_inv, int64_t t, int64_t d,
                          scalar_t* grad_w) {
-  for (int64_t c = 0; c < t; ++c) {
-    const acc_t* er = e + c * d;
-    const acc_t* wr = w + c * d;
-    scalar_t* out = grad_w + c * d;
-    acc_t dot = 0;
+  at::parallel_for(0, t, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const acc_t* __restrict er = e + c * d;
+      const acc_t* __restrict wr = w + c * d;
+      scalar_t* __restrict out = grad_w + c * d;
+      acc_t dot = 0;
 #pragma omp simd reduction(+ : dot)
-    for (int64_t k = 0; k < d; ++k) dot += wr[k] * er[k];
-    const acc_t coef = (w_inv[c] * acc_t(kNormEps) < acc_t(1)) ? w_inv[c] * w_inv[c] * dot : acc_t(0);
-    for (int64_t k = 0; k < d; ++k) out[k] = static_cast<scalar_t>(er[k] - wr[k] * coef);
-  }
+      for (int64_t k = 0; k < d; ++k) dot += wr[k] * er[k];
+      const bool projected = w_inv[c] * acc_t(kNormEps) < acc_t(1);
+      const acc_t coef = projected ? w_inv[c] * w_inv[c] * dot : acc_t(0);
+#pragma omp simd
+      for (int64_t k = 0; k < d; ++k) out[k] = static_cast<scalar_t>(er[k] - wr[k] * coef);
+    }
+  });
 }
 
 }  // namespace
@@ -102,46 +117,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward(
   const at::Tensor weight = weight_in.contiguous();
   const at::Tensor labels = labels_in.contiguous();
   const Normalized xn = normalize_rows(embeddings, acc);
-
-  const int64_t tile = tile_classes(n);
-  const int64_t num_tiles = (c_local + tile - 1) / tile;
-  const int num_threads = at::get_num_threads();
+  const int64_t chunk = chunk_classes(n);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, embeddings.scalar_type(), "oclear::margin_softmax_forward", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const MarginParams<acc_t> p = args.margin.cast<acc_t>();
-        // One softmax state per (thread, row); merged after the parallel region.
-        std::vector<SoftmaxState<acc_t>> states(static_cast<size_t>(num_threads) * n,
-                                                SoftmaxState<acc_t>::empty());
+        std::vector<SoftmaxState<acc_t>> states(n, SoftmaxState<acc_t>::empty());
         acc_t* target_ptr = target.data_ptr<acc_t>();
         acc_t* w_inv_ptr = w_inv.data_ptr<acc_t>();
         const int64_t* label_ptr = labels.data_ptr<int64_t>();
+        at::Tensor logits = at::empty({n * std::min(chunk, c_local)}, acc_opts);
+        at::Tensor w_buffer = std::is_same_v<scalar_t, acc_t> ? at::Tensor()
+                                                              : at::empty({chunk, d}, acc_opts);
 
-        at::parallel_for(0, num_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
-          SoftmaxState<acc_t>* my_states = states.data() + at::get_thread_num() * n;
-          at::Tensor logits = at::empty({n * tile}, acc_opts);
-          at::Tensor w_buffer = std::is_same_v<scalar_t, acc_t> ? at::Tensor()
-                                                                : at::empty({tile, d}, acc_opts);
-          for (int64_t ti = tile_begin; ti < tile_end; ++ti) {
-            const int64_t c0 = ti * tile;
-            const int64_t t = std::min(tile, c_local - c0);
-            const at::Tensor wt = weight_tile<scalar_t, acc_t>(weight, c0, t, w_buffer);
-            inverse_norms(wt.data_ptr<acc_t>(), t, d, w_inv_ptr + c0);
-            at::Tensor s = logits.narrow(0, 0, n * t).view({n, t});
-            at::mm_out(s, xn.x_hat, wt.t());
-            // Each row's target lies in exactly one tile, so target_ptr[i] has a single writer.
-            forward_tile(s.data_ptr<acc_t>(), n, t, w_inv_ptr + c0, label_ptr,
-                         args.class_start + c0, args.ignore_index, p, target_ptr, my_states);
-          }
-        });
+        for (int64_t c0 = 0; c0 < c_local; c0 += chunk) {
+          const int64_t t = std::min(chunk, c_local - c0);
+          const at::Tensor wt = weight_chunk<scalar_t, acc_t>(weight, c0, t, w_buffer);
+          inverse_norms(wt.data_ptr<acc_t>(), t, d, w_inv_ptr + c0);
+          at::Tensor s = logits.narrow(0, 0, n * t).view({n, t});
+          at::mm_out(s, xn.x_hat, wt.t());
+          acc_t* s_ptr = s.data_ptr<acc_t>();
+          at::parallel_for(0, n, kRowGrain, [&](int64_t i0, int64_t i1) {
+            forward_tile(s_ptr + i0 * t, i1 - i0, t, w_inv_ptr + c0, label_ptr + i0,
+                         args.class_start + c0, args.ignore_index, p, target_ptr + i0,
+                         states.data() + i0);
+          });
+        }
 
         acc_t* lse_ptr = lse.data_ptr<acc_t>();
-        for (int64_t i = 0; i < n; ++i) {
-          SoftmaxState<acc_t> row = SoftmaxState<acc_t>::empty();
-          for (int th = 0; th < num_threads; ++th) row.merge(states[th * n + i]);
-          lse_ptr[i] = row.log_sum_exp();
-        }
+        for (int64_t i = 0; i < n; ++i) lse_ptr[i] = states[i].log_sum_exp();
       });
   return {lse, target, w_inv};
 }
@@ -169,51 +174,47 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward(
   const at::Tensor grad_lse = grad_lse_in.to(acc).contiguous();
   const at::Tensor grad_target = grad_target_in.to(acc).contiguous();
   const Normalized xn = normalize_rows(embeddings, acc);
-
-  const int64_t tile = tile_classes(n);
-  const int64_t num_tiles = (c_local + tile - 1) / tile;
-  const int num_threads = at::get_num_threads();
-  // dx^ partial sums, one slab per thread (threads own disjoint class tiles, not rows).
-  at::Tensor grad_x_hat = need_grad_embeddings ? at::zeros({num_threads, n, d}, acc_opts)
-                                               : at::Tensor();
+  const int64_t chunk = chunk_classes(n);
+  at::Tensor grad_x_hat = need_grad_embeddings ? at::zeros({n, d}, acc_opts) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, embeddings.scalar_type(), "oclear::margin_softmax_backward", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const MarginParams<acc_t> p = args.margin.cast<acc_t>();
         const acc_t* w_inv_ptr = w_inv.data_ptr<acc_t>();
+        const acc_t* lse_ptr = lse.data_ptr<acc_t>();
+        const acc_t* grad_lse_ptr = grad_lse.data_ptr<acc_t>();
+        const acc_t* grad_target_ptr = grad_target.data_ptr<acc_t>();
         const int64_t* label_ptr = labels.data_ptr<int64_t>();
+        at::Tensor logits = at::empty({n * std::min(chunk, c_local)}, acc_opts);
+        at::Tensor w_buffer = std::is_same_v<scalar_t, acc_t> ? at::Tensor()
+                                                              : at::empty({chunk, d}, acc_opts);
+        at::Tensor e_buffer = need_grad_weight ? at::empty({chunk, d}, acc_opts) : at::Tensor();
 
-        at::parallel_for(0, num_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
-          at::Tensor logits = at::empty({n * tile}, acc_opts);
-          at::Tensor w_buffer = std::is_same_v<scalar_t, acc_t> ? at::Tensor()
-                                                                : at::empty({tile, d}, acc_opts);
-          at::Tensor e_buffer = need_grad_weight ? at::empty({tile, d}, acc_opts) : at::Tensor();
-          at::Tensor my_grad_x_hat =
-              need_grad_embeddings ? grad_x_hat.select(0, at::get_thread_num()) : at::Tensor();
-          for (int64_t ti = tile_begin; ti < tile_end; ++ti) {
-            const int64_t c0 = ti * tile;
-            const int64_t t = std::min(tile, c_local - c0);
-            const at::Tensor wt = weight_tile<scalar_t, acc_t>(weight, c0, t, w_buffer);
-            at::Tensor b = logits.narrow(0, 0, n * t).view({n, t});
-            at::mm_out(b, xn.x_hat, wt.t());
-            backward_tile(b.data_ptr<acc_t>(), n, t, w_inv_ptr + c0, label_ptr,
-                          args.class_start + c0, args.ignore_index, p, lse.data_ptr<acc_t>(),
-                          grad_lse.data_ptr<acc_t>(), grad_target.data_ptr<acc_t>());
-            if (need_grad_embeddings) my_grad_x_hat.addmm_(b, wt);
-            if (need_grad_weight) {
-              at::Tensor e = e_buffer.narrow(0, 0, t);
-              at::mm_out(e, b.t(), xn.x_hat);
-              project_weight_grad(e.data_ptr<acc_t>(), wt.data_ptr<acc_t>(), w_inv_ptr + c0, t,
-                                  d, grad_weight.data_ptr<scalar_t>() + c0 * d);
-            }
+        for (int64_t c0 = 0; c0 < c_local; c0 += chunk) {
+          const int64_t t = std::min(chunk, c_local - c0);
+          const at::Tensor wt = weight_chunk<scalar_t, acc_t>(weight, c0, t, w_buffer);
+          at::Tensor b = logits.narrow(0, 0, n * t).view({n, t});
+          at::mm_out(b, xn.x_hat, wt.t());
+          acc_t* b_ptr = b.data_ptr<acc_t>();
+          at::parallel_for(0, n, kRowGrain, [&](int64_t i0, int64_t i1) {
+            backward_tile(b_ptr + i0 * t, i1 - i0, t, w_inv_ptr + c0, label_ptr + i0,
+                          args.class_start + c0, args.ignore_index, p, lse_ptr + i0,
+                          grad_lse_ptr + i0, grad_target_ptr + i0);
+          });
+          if (need_grad_embeddings) grad_x_hat.addmm_(b, wt);
+          if (need_grad_weight) {
+            at::Tensor e = e_buffer.narrow(0, 0, t);
+            at::mm_out(e, b.t(), xn.x_hat);
+            project_weight_grad(e.data_ptr<acc_t>(), wt.data_ptr<acc_t>(), w_inv_ptr + c0, t, d,
+                                grad_weight.data_ptr<scalar_t>() + c0 * d);
           }
-        });
+        }
       });
 
   if (!need_grad_embeddings) return {at::empty({0}, embeddings.options()), grad_weight};
   // dx = (g - x^ (x^ . g)) / |x| with g = dLoss/dx^, or g / eps where |x| <= eps (no projection).
-  const at::Tensor g = grad_x_hat.sum(0);
+  const at::Tensor& g = grad_x_hat;
   const at::Tensor projected = (xn.x_inv * kNormEps < 1.0).unsqueeze(1);
   const at::Tensor radial = (xn.x_hat * g).sum(1, /*keepdim=*/true);
   const at::Tensor grad_x = at::where(projected, g - xn.x_hat * radial, g) * xn.x_inv.unsqueeze(1);

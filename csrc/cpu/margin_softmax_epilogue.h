@@ -12,6 +12,14 @@
 #include <oclear/margin.h>
 #include <oclear/online_softmax.h>
 
+// The *_impl templates must be inlined into the per-ISA clones of margin_softmax_epilogue.cpp:
+// a call to an out-of-line copy would run baseline (SSE2) code.
+#if defined(__GNUC__) || defined(__clang__)
+#define OCLEAR_INLINE_INTO_CLONES inline __attribute__((always_inline))
+#else
+#define OCLEAR_INLINE_INTO_CLONES inline
+#endif
+
 namespace oclear::cpu {
 
 inline float vexp(float x) { return fast_exp(x); }
@@ -26,14 +34,14 @@ inline int64_t target_column(int64_t label, int64_t ignore_index, int64_t tile_c
 
 // Forward: logits of one tile into online-softmax states (one per row) and target logits.
 template <typename T>
-inline void forward_tile_impl(T* tile, int64_t n, int64_t t, const T* w_inv, const int64_t* labels,
-                              int64_t tile_class0, int64_t ignore_index, const MarginParams<T>& p,
+OCLEAR_INLINE_INTO_CLONES void forward_tile_impl(T* __restrict tile, int64_t n, int64_t t, const T* __restrict w_inv,
+                              const int64_t* labels, int64_t tile_class0, int64_t ignore_index, const MarginParams<T>& p,
                               T* target_out, SoftmaxState<T>* states) {
   const T scale = p.scale;
   const bool filter = p.has_filter;
   const T threshold = p.filter;
   for (int64_t i = 0; i < n; ++i) {
-    T* row = tile + i * t;
+    T* __restrict row = tile + i * t;
     const int64_t tc = target_column(labels[i], ignore_index, tile_class0, t);
     const T raw_target = tc >= 0 ? row[tc] : T(0);
     T row_max = -std::numeric_limits<T>::infinity();
@@ -61,14 +69,14 @@ inline void forward_tile_impl(T* tile, int64_t n, int64_t t, const T* w_inv, con
 //   dLoss/dz_ic = grad_lse_i * softmax_ic + grad_target_i * [c == y_i],  softmax_ic = exp(z_ic - lse_i)
 // and dz/dcos is the scale (0 where filtered), times psi'(cos) on the target.
 template <typename T>
-inline void backward_tile_impl(T* tile, int64_t n, int64_t t, const T* w_inv, const int64_t* labels,
-                               int64_t tile_class0, int64_t ignore_index, const MarginParams<T>& p,
+OCLEAR_INLINE_INTO_CLONES void backward_tile_impl(T* __restrict tile, int64_t n, int64_t t, const T* __restrict w_inv,
+                               const int64_t* labels, int64_t tile_class0, int64_t ignore_index, const MarginParams<T>& p,
                                const T* lse, const T* grad_lse, const T* grad_target) {
   const T scale = p.scale;
   const bool filter = p.has_filter;
   const T threshold = p.filter;
   for (int64_t i = 0; i < n; ++i) {
-    T* row = tile + i * t;
+    T* __restrict row = tile + i * t;
     const int64_t tc = target_column(labels[i], ignore_index, tile_class0, t);
     const T g = grad_lse[i];
     const T g_target = tc >= 0 ? grad_target[i] : T(0);
@@ -78,12 +86,22 @@ inline void backward_tile_impl(T* tile, int64_t n, int64_t t, const T* w_inv, co
     }
     const T raw_target = tc >= 0 ? row[tc] : T(0);
     const T row_lse = lse[i];
+    const T g_scale = g * scale;
+    // Two loops rather than a filter test inside one: a branch in the body made GCC version the
+    // loop and run the scalar copy.
+    if (filter) {
 #pragma omp simd
-    for (int64_t c = 0; c < t; ++c) {
-      const T cs = clamp_unit(row[c] * w_inv[c]);
-      const bool filtered = filter && cs > threshold;
-      const T z = filtered ? T(0) : scale * cs;
-      row[c] = filtered ? T(0) : g * vexp(z - row_lse) * scale * w_inv[c];
+      for (int64_t c = 0; c < t; ++c) {
+        const T cs = clamp_unit(row[c] * w_inv[c]);
+        const T grad = g_scale * vexp(scale * cs - row_lse) * w_inv[c];
+        row[c] = cs > threshold ? T(0) : grad;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < t; ++c) {
+        const T cs = clamp_unit(row[c] * w_inv[c]);
+        row[c] = g_scale * vexp(scale * cs - row_lse) * w_inv[c];
+      }
     }
     if (tc >= 0) {
       const T cs = clamp_unit(raw_target * w_inv[tc]);

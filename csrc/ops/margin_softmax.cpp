@@ -5,6 +5,7 @@
 // num_classes = C) and a class-sharded classifier (one block per rank) share them unchanged.
 // oclear_ext/_ops/margin_softmax.py registers fake kernels and autograd and builds the loss.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include <optional>

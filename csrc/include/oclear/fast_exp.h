@@ -1,4 +1,4 @@
-// exp(x) for float, written so that compilers vectorise it inside plain loops (no libm call, no
+// exp(x) for float on the CPU, written so that compilers vectorise it inside plain loops (no libm call, no
 // branches): the CPU epilogues evaluate N x C of these per pass, and a scalar libm expf would cost
 // as much as the GEMM itself. Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, then a degree-6
 // Taylor polynomial (truncation error r^7/7! < 1.3e-7 relative, about 1 ulp) and a 2^n scale
@@ -6,22 +6,20 @@
 // never denormals or NaN; the kernels only call it on z - max <= 0.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
-#include "margin.h"  // OCLEAR_HD
 
 namespace oclear {
 
-OCLEAR_HD float fast_exp(float x) {
+inline float fast_exp(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693145751953125f;      // high bits of ln 2, exact in float
   constexpr float kLn2Lo = 1.428606765330187e-06f;  // ln 2 - kLn2Hi
-  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-  // floor(y + 0.5) rounds to nearest; written with a cast so it vectorises as cvttps/roundps.
-  const float y = x * kLog2e + 0.5f;
-  float n = static_cast<float>(static_cast<int32_t>(y));
-  n = n > y ? n - 1.0f : n;  // truncation -> floor for negative y
+  x = std::min(std::max(x, -87.3f), 88.3f);
+  const float n = std::floor(x * kLog2e + 0.5f);  // round to nearest
   const float r = (x - n * kLn2Hi) - n * kLn2Lo;
   float p = 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;

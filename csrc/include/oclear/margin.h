@@ -10,6 +10,7 @@
 // same slope but jumps at the boundary).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 
 #if defined(__CUDACC__)
@@ -39,9 +40,15 @@ OCLEAR_HD double sin_(double x) { return sin(x); }
 OCLEAR_HD float sqrt_(float x) { return sqrtf(x); }
 OCLEAR_HD double sqrt_(double x) { return sqrt(x); }
 
+// Clamp to [-1, 1]; a NaN stays NaN. On the host std::min / std::max, which GCC vectorises in the
+// CPU epilogue loops (fminf / fmaxf, with their NaN rules, block that).
 template <typename T>
 OCLEAR_HD T clamp_unit(T c) {
-  return c < T(-1) ? T(-1) : (c > T(1) ? T(1) : c);
+#if defined(__CUDA_ARCH__)
+  return fmin(fmax(c, T(-1)), T(1));
+#else
+  return std::min(std::max(c, T(-1)), T(1));
+#endif
 }
 
 // Everything a kernel needs to turn a raw dot product into a logit and back into a gradient.
