@@ -87,6 +87,14 @@ def reduce_rows(per_row: Tensor, valid: Tensor, reduction: str, num_valid: Tenso
     return per_row.sum() / num_valid.clamp_min(1).to(per_row.dtype)
 
 
+def check_same_device(**tensors: Tensor) -> None:
+    """The device rule of the C++ glue, for the fake (meta) kernels too."""
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        found = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"{OP_NAME}: {', '.join(devices)} must be on one device, got {found}")
+
+
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -94,6 +102,7 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.register_fake("oclear::margin_softmax_forward")
 def _forward_fake(embeddings, weight, labels, class_start, num_classes, scale, m1, m2, m3,
                   interclass_filter, ignore_index, straight_through):
+    check_same_device(embeddings=embeddings, weight=weight, labels=labels)
     torch._check(embeddings.dim() == 2 and weight.dim() == 2, lambda: f"{OP_NAME}: embeddings and weight must be 2-D")
     torch._check(weight.shape[1] == embeddings.shape[1], lambda: f"{OP_NAME}: weight and embeddings differ in D")
     acc = _accumulation_dtype(embeddings.dtype)
