@@ -1,0 +1,210 @@
+"""Margin softmax forward+backward: the fused op against what a user would otherwise run.
+
+Variants, in one process on the same inputs (N x D embeddings, C x D class weights):
+  gemm3              the three plain GEMMs of the same shapes (logits, dX, dW): the practical ceiling
+  fused              oclear_ext.margin_softmax_loss, CosFace (s=64, m=0.4)
+  reference          oclear_ext.reference.margin_softmax_loss, same settings (materialises N x C)
+  fused_marginfree   the fused op at margin (1, 0, 0), scale 1, on pre-normalised inputs
+  lce                torch.nn.functional.linear_cross_entropy on the same pre-normalised inputs, no chunking
+  lce_chunked_auto   the same with LinearCrossEntropyOptions() (torch's automatic batch chunking)
+  lce_chunked_64     the same with batch chunks of 64 rows
+The margin-free rows compute the same loss as linear_cross_entropy (checked at run time).
+
+    python benchmarks/bench_margin_softmax.py              # C in {16,384; 65,536; 262,144}
+    python benchmarks/bench_margin_softmax.py --large      # adds C = 1,048,576
+    python benchmarks/bench_margin_softmax.py --device cuda --dtype bfloat16
+
+Writes benchmarks/results/margin_softmax_<device>_<dtype>.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import oclear_ext  # noqa: E402
+from oclear_ext import reference  # noqa: E402
+
+DEFAULT_SIZES = (16_384, 65_536, 262_144)
+LARGE_SIZE = 1_048_576
+COSFACE = dict(scale=64.0, margin=(1.0, 0.0, 0.4))
+MARGIN_FREE = dict(scale=1.0, margin=(1.0, 0.0, 0.0))
+
+
+def make_variants(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> tuple[dict, callable]:
+    """(name -> a callable running forward+backward once and returning the loss, a gradient-clearing callable)."""
+    x_hat = F.normalize(x.float(), dim=1).to(x.dtype)
+    w_hat = F.normalize(w.float(), dim=1).to(w.dtype)
+    # gemm3's upstream gradient: any N x C matrix, allocated once outside the timing.
+    grad_logits = torch.randn(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
+
+    def leaf(t):
+        return t.detach().requires_grad_(True)
+
+    xl, wl, xhl, whl = leaf(x), leaf(w), leaf(x_hat), leaf(w_hat)
+
+    def clear_grads():
+        for t in (xl, wl, xhl, whl):
+            t.grad = None
+
+    def run(loss_fn, a, b):
+        def call():
+            a.grad = None
+            b.grad = None
+            loss = loss_fn(a, b)
+            loss.backward()
+            return loss.detach()
+
+        return call
+
+    def gemm3():
+        logits = x @ w.t()
+        grad_x = grad_logits @ w
+        grad_w = grad_logits.t() @ x
+        return logits, grad_x, grad_w
+
+    variants = {
+        "gemm3": gemm3,
+        "fused": run(lambda a, b: oclear_ext.margin_softmax_loss(a, b, labels, **COSFACE), xl, wl),
+        "reference": run(lambda a, b: reference.margin_softmax_loss(a, b, labels, **COSFACE), xl, wl),
+        "fused_marginfree": run(lambda a, b: oclear_ext.margin_softmax_loss(a, b, labels, **MARGIN_FREE), xhl, whl),
+    }
+    if hasattr(F, "linear_cross_entropy"):
+        variants["lce"] = run(lambda a, b: F.linear_cross_entropy(a, b, labels), xhl, whl)
+        if hasattr(torch.nn, "LinearCrossEntropyOptions"):
+            opts = torch.nn.LinearCrossEntropyOptions
+            auto, by64 = opts(), opts(batch_chunk_size=64, chunking_method=None)
+            variants["lce_chunked_auto"] = run(lambda a, b: F.linear_cross_entropy(a, b, labels, options=auto), xhl, whl)
+            variants["lce_chunked_64"] = run(lambda a, b: F.linear_cross_entropy(a, b, labels, options=by64), xhl, whl)
+    return variants, clear_grads
+
+
+def check_agreement(variants: dict) -> dict:
+    """The fused op must compute what its baselines compute before their times are compared."""
+    fused, ref = variants["fused"]().float(), variants["reference"]().float()
+    torch.testing.assert_close(fused, ref, rtol=1e-3, atol=1e-3)
+    out = {"fused_vs_reference_abs_diff": (fused - ref).abs().item()}
+    if "lce" in variants:
+        free, lce = variants["fused_marginfree"]().float(), variants["lce"]().float()
+        torch.testing.assert_close(free, lce, rtol=1e-3, atol=1e-3)
+        out["fused_marginfree_vs_lce_abs_diff"] = (free - lce).abs().item()
+    return out
+
+
+def bench_size(n: int, d: int, c: int, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(c)
+    x = torch.randn(n, d, generator=g).to(device, dtype)
+    w = (0.01 * torch.randn(c, d, generator=g)).to(device, dtype)
+    labels = torch.randint(0, c, (n,), generator=g).to(device)
+    variants, clear_grads = make_variants(x, w, labels)
+    grads_bytes = (n * d + c * d) * x.element_size()
+    row = {"N": n, "D": d, "C": c, "agreement": check_agreement(variants), "variants": {}}
+    for name, fn in variants.items():
+        timing = common.time_fn(fn, device, repeats)
+        # Extra memory beyond the inputs and their gradients (every variant produces dX and dW).
+        clear_grads()
+        extra = max(0, common.peak_extra_bytes(fn, device) - grads_bytes)
+        row["variants"][name] = {"time": timing, "peak_extra_bytes": extra,
+                                 "useful_gflops": 6 * n * d * c / timing.median_s / 1e9}
+        print(f"  C={c:>9,} {name:<18} median {timing.median_s * 1e3:9.1f} ms  "
+              f"[{timing.min_s * 1e3:.1f}, {timing.max_s * 1e3:.1f}]  extra {extra / 2**20:9.1f} MiB", flush=True)
+    t = {k: v["time"].median_s for k, v in row["variants"].items()}
+    ratios = {"fused_over_gemm3": t["fused"] / t["gemm3"], "reference_over_fused": t["reference"] / t["fused"]}
+    lce_names = [k for k in t if k.startswith("lce")]
+    if lce_names:
+        best = min(lce_names, key=t.get)
+        ratios["best_lce"] = best
+        ratios["best_lce_over_fused_marginfree"] = t[best] / t["fused_marginfree"]
+    row["ratios"] = ratios
+    print("  ratios: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in ratios.items()))
+    return row
+
+
+def fitted_exponents(rows: list[dict]) -> dict:
+    """Least-squares slope of log(time) against log(C) per variant (1.0 = linear in C)."""
+    if len(rows) < 2:
+        return {}
+    out = {}
+    for name in rows[0]["variants"]:
+        xs = [math.log(r["C"]) for r in rows]
+        ys = [math.log(r["variants"][name]["time"].median_s) for r in rows]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        out[name] = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+    return out
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+    cs = [r["C"] for r in rows]
+    for name in rows[0]["variants"]:
+        ax_t.plot(cs, [r["variants"][name]["time"].median_s for r in rows], marker="o", label=name)
+        mem = [max(r["variants"][name]["peak_extra_bytes"], 1) / 2**20 for r in rows]
+        ax_m.plot(cs, mem, marker="o", label=name)
+    for ax, label in ((ax_t, "forward+backward time (s, median)"), (ax_m, "peak extra memory (MiB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("number of classes C")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--d", type=int, default=512)
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), help="class counts C")
+    parser.add_argument("--large", action="store_true", help=f"also C = {LARGE_SIZE:,}")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tag", default="", help="suffix of the result file names")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    sizes = sorted(set(args.sizes + ([LARGE_SIZE] if args.large else [])))
+    for c in sizes:
+        if c < 1:
+            parser.error(f"--sizes: class counts must be >= 1, got {c}")
+
+    env = common.environment(device)
+    print(f"margin softmax benchmark: N={args.n} D={args.d} dtype={dtype} on {env.get('gpu', env.get('cpu'))}, "
+          f"{env['threads']} threads, torch {env['torch']}, git {env['git']['commit'][:10]}", flush=True)
+    rows = [bench_size(args.n, args.d, c, device, dtype, args.repeats) for c in sizes]
+    exponents = fitted_exponents(rows)
+    if exponents:
+        print("fitted exponent of time in C: " + ", ".join(f"{k} {v:.2f}" for k, v in exponents.items()))
+
+    stem = f"margin_softmax_{device.type}_{str(dtype).removeprefix('torch.')}{args.tag}"
+    payload = {"benchmark": "margin_softmax", "environment": env, "dtype": str(dtype), "repeats": args.repeats,
+               "rows": rows, "time_exponent_in_C": exponents}
+    json_path = common.write_json(stem + ".json", payload)
+    png_path = os.path.join(common.RESULTS_DIR, stem + ".png")
+    plot(rows, png_path, f"margin softmax fwd+bwd, N={args.n}, D={args.d}, {dtype}, {env.get('gpu', env.get('cpu'))}")
+    print(f"wrote {json_path}\nwrote {png_path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
