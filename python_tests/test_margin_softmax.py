@@ -126,6 +126,19 @@ def test_cos_exactly_plus_minus_one_is_finite(margin, arcface_grad, sign):
             torch.testing.assert_close(loss, rl, rtol=1e-5, atol=1e-5)
 
 
+def test_sphereface_gradient_at_cos_one_is_its_limit_not_the_floor():
+    # d psi / d cos = m1 sin(m1 theta) / sin(theta) -> m1^2 as theta -> 0 (finite, unlike ArcFace's).
+    from oclear_ext.reference.margin_softmax import target_cos_grad
+
+    c = torch.tensor([1.0, 1.0 - 1e-12, 1.0 - 1e-6], dtype=torch.float64)
+    torch.testing.assert_close(target_cos_grad(c, 4.0, 0.0), torch.full_like(c, 16.0), rtol=1e-4, atol=0)
+    # and the fused kernels agree with the reference there (x parallel to its class centre):
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    x = torch.tensor([[2.0, 0.0]], dtype=torch.float64)
+    got, want = fused_and_reference(x, w, torch.tensor([0]), margin=(4.0, 0.0, 0.0), scale=2.0)
+    assert_close_all(got, want, rtol=1e-9, atol=1e-12)
+
+
 def test_target_logit_never_rises_with_the_angle():
     # Past m1 * theta + m2 = pi the target logit continues monotonically (no rebound of cos).
     w = torch.tensor([[1.0, 0.0]], dtype=torch.float64)

@@ -4,7 +4,8 @@ Same signature and conventions as oclear_ext.margin_softmax_loss (DESIGN section
 - cos = clamp(x^ . w^, -1, 1), where the clamp only guards acos's domain: the gradient passes through it;
 - target logit s * psi(cos) with psi(c) = cos(m1 acos(c) + m2) - m3, continued past m1 theta + m2 = pi
   by the line of slope 1 through (c*, -1 - m3);
-- "exact" margin gradient m1 sin(m1 theta + m2) / max(sin theta, 1e-4), or "straight_through" (1);
+- "exact" margin gradient m1 sin(m1 theta + m2) / max(sin theta, 1e-4) (m1^2, its limit, at theta -> 0
+  when m2 = 0), or "straight_through" (1);
 - negatives with cos > interclass_filter count as cos = 0, without gradient;
 - "mean" over non-ignored rows, 0 when there are none.
 Computes in the input dtype, as a plain PyTorch user would.
@@ -40,8 +41,10 @@ def target_cos_grad(c: Tensor, m1: float, m2: float) -> Tensor:
     if _is_additive(m1, m2):
         return torch.ones_like(c)
     boundary = math.cos((math.pi - m2) / m1)
-    sin_theta = ((1 - c) * (1 + c)).clamp_min(0).sqrt().clamp_min(SIN_THETA_FLOOR)
-    arc = m1 * torch.sin(m1 * torch.acos(c) + m2) / sin_theta
+    sin_theta = ((1 - c) * (1 + c)).clamp_min(0).sqrt()
+    arc = m1 * torch.sin(m1 * torch.acos(c) + m2) / sin_theta.clamp_min(SIN_THETA_FLOOR)
+    if m2 == 0.0:  # m1 sin(m1 theta) / sin(theta) -> m1^2 as theta -> 0: a finite limit, not the floor
+        arc = torch.where((sin_theta < SIN_THETA_FLOOR) & (c > 0), torch.full_like(c, m1 * m1), arc)
     return torch.where(c < boundary, torch.ones_like(c), arc)
 
 

@@ -28,7 +28,8 @@ constexpr double kNormEps = 1e-12;
 
 // The exact margin derivative divides by sin(theta), which is 0 at c = +-1. It is floored here.
 // In float32 the smallest non-zero sin(theta) is about 3.5e-4 (c one ulp from 1), so the floor
-// only acts at exactly c = +-1 there; in float64 it bounds psi' by m1 / kSinThetaFloor.
+// only acts at exactly c = +-1 there; in float64 it bounds psi' by m1 / kSinThetaFloor. With m2 = 0
+// the derivative has a finite limit at c = 1 (m1^2), used instead of the floor.
 constexpr double kSinThetaFloor = 1e-4;
 
 OCLEAR_HD float acos_(float x) { return acosf(x); }
@@ -103,6 +104,9 @@ OCLEAR_HD T target_cos_grad(T c, const MarginParams<T>& p) {
   const T one_minus_c2 = (T(1) - c) * (T(1) + c);
   const T sin_theta = sqrt_(one_minus_c2 > T(0) ? one_minus_c2 : T(0));
   const T floor = T(kSinThetaFloor);
+  // Below the floor with m2 = 0 (SphereFace) the ratio m1 sin(m1 theta) / sin(theta) is smooth and
+  // tends to m1^2 (error O(theta^2) < 1e-7 there); only with m2 > 0 does it really diverge.
+  if (sin_theta < floor && p.m2 == T(0) && c > T(0)) return p.m1 * p.m1;
   return p.m1 * sin_(p.m1 * acos_(c) + p.m2) / (sin_theta > floor ? sin_theta : floor);
 }
 

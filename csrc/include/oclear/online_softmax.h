@@ -5,7 +5,6 @@
 #pragma once
 
 #include <cmath>
-#include <limits>
 
 #include "margin.h"  // OCLEAR_HD
 
@@ -22,7 +21,7 @@ struct SoftmaxState {
   T sum;
 
   OCLEAR_HD static SoftmaxState empty() {
-    return SoftmaxState{-std::numeric_limits<T>::infinity(), T(0)};
+    return SoftmaxState{T(-INFINITY), T(0)};  // INFINITY: usable in device code
   }
 
   OCLEAR_HD void merge(T other_max, T other_sum) {

@@ -1,0 +1,50 @@
+"""Builds and runs the dependency-free C++ unit tests (csrc/tests/*.cpp, CMakeLists.txt at the repo
+root) through CMake + CTest, so `pytest` also covers the header-only math in csrc/include/oclear.
+
+Skipped only when `cmake` is not on PATH. The tests link no torch and build in a few seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(cmd: list[str], timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def _describe(proc: subprocess.CompletedProcess) -> str:
+    return f"$ {' '.join(proc.args)}\n(exit {proc.returncode})\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
+
+
+def test_cpp_unit_tests_pass(tmp_path: Path) -> None:
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake not found on PATH; cannot build the C++ unit tests in csrc/tests")
+    ctest = shutil.which("ctest") or str(Path(cmake).with_name("ctest"))
+    build = tmp_path / "build"
+
+    configure = [cmake, "-S", str(REPO), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"]
+    if shutil.which("ninja"):
+        configure[1:1] = ["-G", "Ninja"]
+    proc = _run(configure, timeout=120)
+    assert proc.returncode == 0, "CMake configure failed\n" + _describe(proc)
+
+    proc = _run([cmake, "--build", str(build), "--parallel", str(os.cpu_count() or 2)], timeout=300)
+    assert proc.returncode == 0, "CMake build failed\n" + _describe(proc)
+
+    proc = _run([ctest, "--output-on-failure"], timeout=300, cwd=build)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, "ctest failed\n" + _describe(proc)
+    summary = re.search(r"(\d+)% tests passed, (\d+) tests failed out of (\d+)", out)
+    assert summary is not None, "no CTest summary in the output\n" + _describe(proc)
+    assert summary.group(1) == "100" and summary.group(2) == "0", summary.group(0)
+    assert int(summary.group(3)) >= 1, "CTest ran no tests (csrc/tests/*.cpp not found?)"
