@@ -99,16 +99,33 @@ def check_agreement(variants: dict) -> dict:
     return out
 
 
-def bench_size(n: int, d: int, c: int, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
+def predicted_seconds(previous: dict | None, name: str, c: int) -> float | None:
+    """A variant's time per call at C, extrapolated linearly in C from the previous size."""
+    if previous is None or name not in previous["variants"] or "time" not in previous["variants"][name]:
+        return None
+    return previous["variants"][name]["time"].median_s * c / previous["C"]
+
+
+def bench_size(n: int, d: int, c: int, device: torch.device, dtype: torch.dtype, repeats: int,
+               previous: dict | None, budget_s: float) -> dict:
     g = torch.Generator(device="cpu").manual_seed(c)
     x = torch.randn(n, d, generator=g).to(device, dtype)
     w = (0.01 * torch.randn(c, d, generator=g)).to(device, dtype)
     labels = torch.randint(0, c, (n,), generator=g).to(device)
     variants, clear_grads = make_variants(x, w, labels)
-    grads_bytes = (n * d + c * d) * x.element_size()
     row = {"N": n, "D": d, "C": c, "agreement": check_agreement(variants), "variants": {}}
+    # Optional baselines predicted to take longer than the budget per call are skipped, and say so
+    # (torch's automatic chunking grows quadratically in C here: 18 s per call at C = 262,144).
+    for name in [k for k in variants if k.startswith("lce")]:
+        predicted = predicted_seconds(previous, name, c)
+        if predicted is not None and predicted > budget_s:
+            row["variants"][name] = {"skipped": f"predicted {predicted:.0f} s per call > budget {budget_s:.0f} s"}
+            print(f"  C={c:>9,} {name:<18} skipped: {row['variants'][name]['skipped']}", flush=True)
+            del variants[name]
+    timings = common.time_interleaved(variants, device, repeats)
+    grads_bytes = (n * d + c * d) * x.element_size()
     for name, fn in variants.items():
-        timing = common.time_fn(fn, device, repeats)
+        timing = timings[name]
         # Extra memory beyond the inputs and their gradients (every variant produces dX and dW).
         clear_grads()
         extra = max(0, common.peak_extra_bytes(fn, device) - grads_bytes)
@@ -116,7 +133,7 @@ def bench_size(n: int, d: int, c: int, device: torch.device, dtype: torch.dtype,
                                  "useful_gflops": 6 * n * d * c / timing.median_s / 1e9}
         print(f"  C={c:>9,} {name:<18} median {timing.median_s * 1e3:9.1f} ms  "
               f"[{timing.min_s * 1e3:.1f}, {timing.max_s * 1e3:.1f}]  extra {extra / 2**20:9.1f} MiB", flush=True)
-    t = {k: v["time"].median_s for k, v in row["variants"].items()}
+    t = {k: v["time"].median_s for k, v in row["variants"].items() if "time" in v}
     ratios = {"fused_over_gemm3": t["fused"] / t["gemm3"], "reference_over_fused": t["reference"] / t["fused"]}
     lce_names = [k for k in t if k.startswith("lce")]
     if lce_names:
@@ -134,8 +151,11 @@ def fitted_exponents(rows: list[dict]) -> dict:
         return {}
     out = {}
     for name in rows[0]["variants"]:
-        xs = [math.log(r["C"]) for r in rows]
-        ys = [math.log(r["variants"][name]["time"].median_s) for r in rows]
+        timed = [r for r in rows if "time" in r["variants"].get(name, {})]
+        if len(timed) < 2:
+            continue
+        xs = [math.log(r["C"]) for r in timed]
+        ys = [math.log(r["variants"][name]["time"].median_s) for r in timed]
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         out[name] = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
     return out
@@ -148,10 +168,11 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
-    cs = [r["C"] for r in rows]
     for name in rows[0]["variants"]:
-        ax_t.plot(cs, [r["variants"][name]["time"].median_s for r in rows], marker="o", label=name)
-        mem = [max(r["variants"][name]["peak_extra_bytes"], 1) / 2**20 for r in rows]
+        timed = [r for r in rows if "time" in r["variants"].get(name, {})]
+        cs = [r["C"] for r in timed]
+        ax_t.plot(cs, [r["variants"][name]["time"].median_s for r in timed], marker="o", label=name)
+        mem = [max(r["variants"][name]["peak_extra_bytes"], 1) / 2**20 for r in timed]
         ax_m.plot(cs, mem, marker="o", label=name)
     for ax, label in ((ax_t, "forward+backward time (s, median)"), (ax_m, "peak extra memory (MiB)")):
         ax.set_xscale("log")
@@ -176,6 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), help="class counts C")
     parser.add_argument("--large", action="store_true", help=f"also C = {LARGE_SIZE:,}")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=30.0,
+                        help="skip a variant whose time per call, extrapolated from the previous size, exceeds this (s)")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
     args = parser.parse_args(argv)
 
@@ -191,7 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
     env = common.environment(device)
     print(f"margin softmax benchmark: N={args.n} D={args.d} dtype={dtype} on {env.get('gpu', env.get('cpu'))}, "
           f"{env['threads']} threads, torch {env['torch']}, git {env['git']['commit'][:10]}", flush=True)
-    rows = [bench_size(args.n, args.d, c, device, dtype, args.repeats) for c in sizes]
+    rows: list[dict] = []
+    for c in sizes:
+        rows.append(bench_size(args.n, args.d, c, device, dtype, args.repeats, rows[-1] if rows else None, args.budget))
     exponents = fitted_exponents(rows)
     if exponents:
         print("fitted exponent of time in C: " + ", ".join(f"{k} {v:.2f}" for k, v in exponents.items()))

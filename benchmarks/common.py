@@ -1,7 +1,9 @@
 """Shared benchmark plumbing: timing with spread, peak extra memory, environment record, JSON output.
 
 Protocol (benchmarks/README.md): every variant runs in this one process on the same inputs; one
-warm-up call, then `repeats` timed calls; we report the median and the spread (min, max, IQR).
+warm-up call each, then `repeats` rounds in which every variant is timed once, round-robin, so that
+load drifting on a shared machine hits all variants alike; we report the median and the spread
+(min, max, IQR) per variant.
 Peak extra memory is the high-water mark during one call above the memory held before it:
 - CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats;
 - CPU: the process's peak resident set (VmHWM, reset through /proc/self/clear_refs), with glibc
@@ -87,25 +89,34 @@ class Timing:
     samples_s: list[float]
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> Timing:
-    for _ in range(warmup):
+def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    synchronize(device)
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _summary(samples: list[float]) -> Timing:
     q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [samples[0]] * 3
     return Timing(statistics.median(samples), min(samples), max(samples), q[2] - q[0], samples)
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, Timing]:
+    """Median and spread of each fn over `repeats` round-robin rounds, after one warm-up call each."""
+    for fn in fns.values():
+        fn()
+    synchronize(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(_time_once(fn, device))
+    return {name: _summary(s) for name, s in samples.items()}
 
 
 def git_revision() -> dict:
