@@ -1,5 +1,6 @@
 """Modules built on the fused ops."""
 
 from .margin_softmax_loss import MarginSoftmaxLoss
+from .sharded_margin_classifier import ShardedMarginClassifier
 
-__all__ = ["MarginSoftmaxLoss"]
+__all__ = ["MarginSoftmaxLoss", "ShardedMarginClassifier"]

@@ -1,0 +1,1 @@
+"""Runnable examples of oclear_ext (python -m oclear_ext.examples.<name>)."""
