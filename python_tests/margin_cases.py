@@ -51,8 +51,8 @@ def assert_close_all(got, want, rtol, atol):
         torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=tol, msg=lambda m: f"{name}: {m}")
 
 
-def float32_atols(x, w, scale, eps=1e-5):
-    """Absolute tolerances on (loss, dL/dx, dL/dw) at float32 rounding of each quantity's natural size.
+def natural_atols(x, w, scale, eps):
+    """Absolute tolerances on (loss, dL/dx, dL/dw): relative rounding `eps` of each quantity's natural size.
 
     |dL/dz| <= 2 per row, dz/dx^ ~ s, and normalisation divides by |x| (|w|); dW sums over the N rows.
     Exact zeros (one class, D = 1) come out as rounding noise of that size, not as 0.

@@ -15,7 +15,7 @@ from margin_cases import (
     MARGINS,
     SPHEREFACE,
     assert_close_all,
-    float32_atols,
+    natural_atols,
     fused_and_reference,
     loss_and_grads,
     make_inputs,
@@ -25,10 +25,14 @@ import oclear_ext
 from oclear_ext import reference
 
 
+def _max_error(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
 @given(
     n=st.integers(1, 40),
     c=st.integers(1, 300),
-    d=st.integers(1, 40),
+    d=st.integers(2, 40),  # D = 1 puts every cosine at +-1, acos's singular point: see test_tiny_shapes
     margin=st.sampled_from(MARGINS),
     scale=st.sampled_from([1.0, 16.0, 64.0]),
     arcface_grad=st.sampled_from(["exact", "straight_through"]),
@@ -43,7 +47,7 @@ def test_matches_reference_float64(n, c, d, margin, scale, arcface_grad, intercl
         x, w, labels, scale=scale, margin=margin, arcface_grad=arcface_grad,
         interclass_filter=interclass_filter, reduction=reduction,
     )
-    assert_close_all(got, want, rtol=1e-9, atol=1e-11)
+    assert_close_all(got, want, rtol=1e-9, atol=natural_atols(x, w, scale, 1e-12))
 
 
 @given(
@@ -54,9 +58,16 @@ def test_matches_reference_float64(n, c, d, margin, scale, arcface_grad, intercl
     seed=st.integers(0, 2**16),
 )
 def test_matches_reference_float32(n, c, d, margin, seed):
-    x, w, labels = make_inputs(n, c, d, dtype=torch.float32, seed=seed, ignore_fraction=0.1)
-    got, want = fused_and_reference(x, w, labels, margin=margin, scale=32.0)
-    assert_close_all(got, want, rtol=2e-4, atol=float32_atols(x, w, 32.0))
+    # DESIGN section 9's rule: error against the float64 reference <= 2 x plain PyTorch's own float32 error
+    # + a small atol. (A float32-vs-float32 comparison would fail where both are ill-conditioned, e.g. the
+    # exact ArcFace derivative m1 sin(theta + m) / sin(theta) for an embedding nearly parallel to its centre.)
+    x, w, labels = make_inputs(n, c, d, seed=seed, ignore_fraction=0.1)
+    want = loss_and_grads(reference.margin_softmax_loss, x, w, labels, margin=margin, scale=32.0)
+    x32, w32 = x.float(), w.float()
+    plain = loss_and_grads(reference.margin_softmax_loss, x32, w32, labels, margin=margin, scale=32.0)
+    got = loss_and_grads(oclear_ext.margin_softmax_loss, x32, w32, labels, margin=margin, scale=32.0)
+    for name, g, p, ref, atol in zip(("loss", "grad x", "grad w"), got, plain, want, natural_atols(x, w, 32.0, 1e-5)):
+        assert _max_error(g, ref) <= 2 * _max_error(p, ref) + atol, name
 
 
 @pytest.mark.parametrize("n, c", [(3, 5000), (300, 4000), (1, 8193)])
@@ -83,7 +94,7 @@ def test_labels_above_float16_range(dtype):
     x, w, _ = make_inputs(6, c, 16, dtype=dtype, seed=3)
     labels = torch.tensor([65_504, 65_505, 66_000, 69_999, 0, 65_536])
     got, want = fused_and_reference(x, w, labels, margin=COSFACE)
-    tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-4, atol=float32_atols(x, w, 64.0))
+    tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-4, atol=natural_atols(x, w, 64.0, 1e-5))
     assert_close_all(got, want, **tol)
 
 
@@ -99,10 +110,15 @@ def test_non_contiguous_inputs():
 
 @pytest.mark.parametrize("n, c, d", [(1, 1, 1), (1, 7, 1), (5, 1, 3), (2, 2, 2)])
 def test_tiny_shapes(n, c, d):
-    x, w, labels = make_inputs(n, c, d, seed=5)
-    for margin in MARGINS:
-        got, want = fused_and_reference(x, w, labels, margin=margin, reduction="none")
-        assert_close_all(got, want, rtol=1e-9, atol=1e-12)
+    # With D = 1 every cosine is exactly +-1, where acos is ill-conditioned: a 1e-16 rounding difference
+    # in the cosine (the kernel computes (x^ . w) / |w|, the reference x^ . w^) moves theta by
+    # sqrt(2e-16) ~ 1.5e-8, so the loss agrees to scale * 1e-8, not to 1e-12.
+    for seed in range(5):
+        x, w, labels = make_inputs(n, c, d, seed=seed)
+        tol = dict(rtol=1e-6, atol=64.0 * 3e-8) if d == 1 else dict(rtol=1e-9, atol=natural_atols(x, w, 64.0, 1e-12))
+        for margin in MARGINS:
+            got, want = fused_and_reference(x, w, labels, margin=margin, reduction="none")
+            assert_close_all(got, want, **tol)
 
 
 @pytest.mark.parametrize("margin", [COSFACE, ARCFACE, SPHEREFACE, COMBINED, (1.0, 3.0, 0.0)])
@@ -217,10 +233,6 @@ def test_interclass_filter_removes_gradient_of_filtered_negatives():
     assert (gw[1] == 0).all() and gw[0].abs().sum() > 0 and gw[2].abs().sum() > 0
     _, _, gw_nofilter = loss_and_grads(oclear_ext.margin_softmax_loss, x, w, labels)
     assert gw_nofilter[1].abs().sum() > 0
-
-
-def _max_error(a, b):
-    return (a.double() - b.double()).abs().max().item()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
