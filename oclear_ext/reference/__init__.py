@@ -3,6 +3,7 @@
 They materialise everything (the N x C logits included) and import nothing else of oclear_ext.
 """
 
+from .class_topk import hardest_classes
 from .margin_softmax import margin_softmax_loss
 
-__all__ = ["margin_softmax_loss"]
+__all__ = ["hardest_classes", "margin_softmax_loss"]

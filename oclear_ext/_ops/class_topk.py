@@ -1,0 +1,35 @@
+"""Hardest classes of a batch: the fused scoring op behind top-k negative sampling."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+@torch.library.register_fake("oclear::class_topk")
+def _class_topk_fake(embeddings, weight, exclude, k):
+    acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    return embeddings.new_empty(k, dtype=acc), embeddings.new_empty(k, dtype=torch.long)
+
+
+def hardest_classes(embeddings: Tensor, weight: Tensor, k: int, *, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The k classes whose centres come closest to any row of the batch, without materialising N x C.
+
+    score_c = max_i cos(embeddings_i, weight_c); classes in `exclude` (e.g. the batch's positives) are
+    skipped. Ties go to the smaller class id, so the result equals a stable descending sort of the
+    materialised scores (oclear_ext.reference.hardest_classes). No gradient: the scores select classes.
+
+    Args:
+        embeddings: (N, D), N >= 1.
+        weight: (C, D) class centres, same dtype and device.
+        k: how many classes, 0 <= k <= C - len(unique(exclude)).
+        exclude: int64 class ids in [0, C), any order, duplicates allowed.
+    Returns:
+        (scores (k,) float32 (float64 for float64 inputs), class ids (k,) int64), best first.
+    """
+    if exclude is None:
+        exclude = torch.empty(0, dtype=torch.long, device=weight.device)
+    elif exclude.dtype == torch.long:
+        exclude = torch.unique(exclude)  # sorted, no duplicates: what the kernel walks along the chunks
+    with torch.no_grad():
+        return torch.ops.oclear.class_topk(embeddings, weight, exclude, k)
