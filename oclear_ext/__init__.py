@@ -16,6 +16,7 @@ build_info = load_extension()
 from . import distributed, nn, reference  # noqa: E402
 from ._ops.class_topk import hardest_classes  # noqa: E402
 from ._ops.margin_softmax import margin_softmax_loss  # noqa: E402
+from ._ops.negatives import RandomNegatives, TopKNegatives  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["margin_softmax_loss", "hardest_classes", "nn", "distributed", "reference", "build_info"]
+__all__ = ["margin_softmax_loss", "hardest_classes", "RandomNegatives", "TopKNegatives", "nn", "distributed", "reference", "build_info"]

@@ -21,6 +21,8 @@ from numbers import Real
 import torch
 from torch import Tensor
 
+from .negatives import Negatives, active_classes, restrict_to_active
+
 OP_NAME = "oclear_ext.margin_softmax_loss"
 REDUCTIONS = ("mean", "sum", "none")
 ARCFACE_GRADS = ("exact", "straight_through")
@@ -152,7 +154,9 @@ def margin_softmax_loss(
     interclass_filter: float | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
-) -> Tensor:
+    negatives: Negatives | None = None,
+    return_active: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Normalised margin softmax cross-entropy, fused: never materialises the N x C logits.
 
     Args:
@@ -168,16 +172,29 @@ def margin_softmax_loss(
         interclass_filter: negatives whose cosine exceeds this threshold count as cos = 0 and get no gradient.
         ignore_index: rows with this label contribute nothing.
         reduction: "mean" (over non-ignored rows; 0 if there are none), "sum" or "none" (per row, 0 for ignored).
+        negatives: None (all classes, exact), RandomNegatives or TopKNegatives: the softmax then runs over the
+            batch's positive classes plus the sampled negatives only (oclear_ext/_ops/negatives.py).
+        return_active: also return the sorted active class ids (all classes when negatives is None).
 
     Returns:
         The loss: a scalar, or (N,) for reduction="none"; float32 for 16-bit inputs (the statistics are
-        accumulated in float32), float64 for float64.
+        accumulated in float32), float64 for float64. With return_active, (loss, active class ids).
     """
     settings = MarginSettings(scale, margin, arcface_grad, interclass_filter, ignore_index)
     check_reduction(reduction)
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError(f"{OP_NAME}: weight must be a 2-D tensor (C, D), got {getattr(weight, 'shape', weight)!r}")
+    if negatives is None:
+        loss = _full_loss(embeddings, weight, labels, settings, reduction)
+        return (loss, torch.arange(weight.shape[0], device=weight.device)) if return_active else loss
+    active = active_classes(negatives, embeddings, weight, labels, ignore_index)
+    active_weight, active_labels = restrict_to_active(weight, labels, active, ignore_index)
+    loss = _full_loss(embeddings, active_weight, active_labels, settings, reduction)
+    return (loss, active) if return_active else loss
+
+
+def _full_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, settings: MarginSettings, reduction: str) -> Tensor:
     lse, target, _ = torch.ops.oclear.margin_softmax_forward(
         embeddings, weight, labels, 0, weight.shape[0], *settings.op_args()
     )
-    return reduce_rows(lse - target, labels != ignore_index, reduction)
+    return reduce_rows(lse - target, labels != settings.ignore_index, reduction)

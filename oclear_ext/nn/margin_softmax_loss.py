@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .._ops.margin_softmax import MarginSettings, check_reduction, margin_softmax_loss
+from .._ops.margin_softmax import MarginSettings, _full_loss, check_reduction
+from .._ops.negatives import Negatives, active_classes, restrict_to_active
 
 
 class MarginSoftmaxLoss(nn.Module):
@@ -13,6 +14,11 @@ class MarginSoftmaxLoss(nn.Module):
 
     forward(embeddings (N, D), labels (N,)) -> loss, as oclear_ext.margin_softmax_loss with this module's
     weight and settings. The weight is initialised N(0, 0.01) like insightface's Partial FC.
+
+    With `negatives` (RandomNegatives / TopKNegatives) each forward runs over the batch's positives plus the
+    sampled negatives, and keeps their sorted ids in `self.active_classes` (for an optimizer that updates
+    only those rows). sparse_grad=True then makes weight.grad a sparse tensor of the active rows instead of
+    a dense num_classes x D one.
     """
 
     def __init__(
@@ -26,6 +32,8 @@ class MarginSoftmaxLoss(nn.Module):
         interclass_filter: float | None = None,
         ignore_index: int = -100,
         reduction: str = "mean",
+        negatives: Negatives | None = None,
+        sparse_grad: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -36,6 +44,9 @@ class MarginSoftmaxLoss(nn.Module):
         self.settings = MarginSettings(scale, margin, arcface_grad, interclass_filter, ignore_index)
         check_reduction(reduction)
         self.reduction = reduction
+        self.negatives = negatives
+        self.sparse_grad = sparse_grad
+        self.active_classes: torch.Tensor | None = None
         self.num_classes = num_classes
         self.embedding_dim = embedding_dim
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim, device=device, dtype=dtype))
@@ -46,22 +57,18 @@ class MarginSoftmaxLoss(nn.Module):
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         s = self.settings
-        return margin_softmax_loss(
-            embeddings,
-            self.weight,
-            labels,
-            scale=s.scale,
-            margin=s.margin,
-            arcface_grad=s.arcface_grad,
-            interclass_filter=s.interclass_filter,
-            ignore_index=s.ignore_index,
-            reduction=self.reduction,
-        )
+        if self.negatives is None:
+            self.active_classes = None
+            return _full_loss(embeddings, self.weight, labels, s, self.reduction)
+        active = active_classes(self.negatives, embeddings, self.weight, labels, s.ignore_index)
+        rows, active_labels = restrict_to_active(self.weight, labels, active, s.ignore_index, self.sparse_grad)
+        self.active_classes = active
+        return _full_loss(embeddings, rows, active_labels, s, self.reduction)
 
     def extra_repr(self) -> str:
         s = self.settings
         return (
             f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, scale={s.scale}, "
             f"margin={s.margin}, arcface_grad={s.arcface_grad!r}, interclass_filter={s.interclass_filter}, "
-            f"ignore_index={s.ignore_index}, reduction={self.reduction!r}"
+            f"ignore_index={s.ignore_index}, reduction={self.reduction!r}, negatives={self.negatives}"
         )
