@@ -32,8 +32,13 @@ def sharded_loss_and_grads(rank, world_size, configs):
         local_x = x[rows].clone().requires_grad_(True)
         loss = clf(local_x, labels[rows])
         loss.backward()
+        grad_w = clf.weight.grad
+        if grad_w is not None and grad_w.is_sparse:
+            grad_w = grad_w.to_dense()
+        elif grad_w is None:  # a shard with no active class under sampling
+            grad_w = torch.zeros_like(clf.weight)
         out.append({"loss": loss.detach(), "grad_x": local_x.grad, "shard": (clf.shard.start, clf.shard.stop),
-                    "grad_w": clf.weight.grad})
+                    "grad_w": grad_w, "active": clf.active_classes})
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import signal
@@ -22,6 +23,7 @@ from dist_workers import (
 from hypothesis import given
 from hypothesis import strategies as st
 
+from oclear_ext import RandomNegatives, TopKNegatives, reference
 from oclear_ext.distributed import load_sharded, partition, read_index, save_sharded
 from oclear_ext.nn import MarginSoftmaxLoss, ShardedMarginClassifier
 
@@ -90,6 +92,58 @@ def test_sharded_equals_single_process(world_size):
         torch.testing.assert_close(torch.cat([r["grad_x"] for r in results]), grad_x, rtol=RTOL, atol=ATOL)
         shards = [r["shard"] for r in results]
         assert shards == [(s.start, s.stop) for s in partition(cfg["num_classes"], world_size)]
+        torch.testing.assert_close(torch.cat([r["grad_w"] for r in results]), grad_w, rtol=RTOL, atol=ATOL)
+
+
+def sampled_reference(cfg, world_size, active):
+    """The single-process loss and gradients over the union of the shards' active classes."""
+    x, w, labels = global_problem(world_size, cfg["n_local"], cfg["num_classes"], cfg["dim"], cfg["seed"])
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    valid = labels != -100
+    local = torch.where(valid, torch.searchsorted(active, labels.clamp_min(0)), labels)
+    assert torch.isin(labels[valid], active).all()
+    settings = {k: v for k, v in cfg["settings"].items() if k not in ("negatives", "sparse_grad")}
+    loss = reference.margin_softmax_loss(x, w[active], local, **settings)
+    loss.backward()
+    return loss.detach(), x.grad, w.grad
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sharded_sampling_per_shard(world_size):
+    # Each shard samples among its own classes; the loss is the margin softmax over the union of the
+    # shards' active sets. count=0 leaves shards without positives empty (they contribute nothing).
+    topk, rate, empty = TopKNegatives(4), RandomNegatives(rate=0.3), RandomNegatives(count=0)
+    configs = [
+        dict(n_local=4, num_classes=61, dim=6, seed=4, settings=dict(COSFACE, negatives=topk, sparse_grad=True)),
+        dict(n_local=3, num_classes=50, dim=5, seed=5, settings=dict(ARCFACE, negatives=rate)),
+        dict(n_local=2, num_classes=90, dim=4, seed=6, settings=dict(COSFACE, negatives=empty, sparse_grad=True)),
+    ]
+    per_rank = run_ranks(sharded_loss_and_grads, world_size, configs)
+    for k, cfg in enumerate(configs):
+        results = [r[k] for r in per_rank]
+        active = torch.cat([r["active"] for r in results])
+        assert torch.equal(active, torch.unique(active))  # shards are contiguous: the union stays sorted
+        x, w, labels = global_problem(world_size, cfg["n_local"], cfg["num_classes"], cfg["dim"], cfg["seed"])
+        valid = labels != -100
+        for r in results:  # per-shard semantics: the shard's positives plus its own negatives
+            start, stop = r["shard"]
+            positives = torch.unique(labels[valid & (labels >= start) & (labels < stop)])
+            mine = r["active"]
+            assert torch.isin(positives, mine).all() and ((mine >= start) & (mine < stop)).all()
+            negatives = cfg["settings"]["negatives"]
+            if negatives is topk:
+                _, hard = reference.hardest_classes(x[valid], w[start:stop], 4, exclude=positives - start)
+                assert torch.equal(mine, torch.sort(torch.cat([positives, hard + start])).values)
+            elif negatives is rate:
+                assert mine.numel() == max(positives.numel(), math.ceil(0.3 * (stop - start)))
+            else:
+                assert torch.equal(mine, positives)
+        loss, grad_x, grad_w = sampled_reference(cfg, world_size, active)
+        for r in results:
+            torch.testing.assert_close(r["loss"], loss, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(torch.cat([r["grad_x"] for r in results]), grad_x, rtol=RTOL, atol=ATOL)
         torch.testing.assert_close(torch.cat([r["grad_w"] for r in results]), grad_w, rtol=RTOL, atol=ATOL)
 
 

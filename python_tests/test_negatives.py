@@ -140,3 +140,13 @@ def test_unknown_sampler_is_rejected():
     x, w, labels = problem()
     with pytest.raises(TypeError, match="negatives must be None, RandomNegatives or TopKNegatives"):
         oclear_ext.margin_softmax_loss(x, w, labels, negatives=0.1)
+
+
+def test_a_class_id_as_ignore_index_never_collides_with_active_positions():
+    # ignore_index = 3 is a class id; after renumbering, position 3 of the active set is a real class.
+    x, w, labels = problem(c=40)
+    labels[:2] = 3
+    labels[2:] = labels[2:].clamp_min(4)
+    full = oclear_ext.margin_softmax_loss(x, w, labels, ignore_index=3)
+    sampled = oclear_ext.margin_softmax_loss(x, w, labels, ignore_index=3, negatives=TopKNegatives(40))
+    torch.testing.assert_close(sampled, full)

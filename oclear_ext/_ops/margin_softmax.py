@@ -15,13 +15,13 @@ into lse keeps the op differentiable in the ordinary sense: dLoss/dz_ic = grad_l
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from numbers import Real
 
 import torch
 from torch import Tensor
 
-from .negatives import Negatives, active_classes, restrict_to_active
+from .negatives import LOCAL_IGNORE, Negatives, active_classes, restrict_to_active
 
 OP_NAME = "oclear_ext.margin_softmax_loss"
 REDUCTIONS = ("mean", "sum", "none")
@@ -187,9 +187,7 @@ def margin_softmax_loss(
     if negatives is None:
         loss = _full_loss(embeddings, weight, labels, settings, reduction)
         return (loss, torch.arange(weight.shape[0], device=weight.device)) if return_active else loss
-    active = active_classes(negatives, embeddings, weight, labels, ignore_index)
-    active_weight, active_labels = restrict_to_active(weight, labels, active, ignore_index)
-    loss = _full_loss(embeddings, active_weight, active_labels, settings, reduction)
+    loss, active = sampled_loss(embeddings, weight, labels, settings, reduction, negatives)
     return (loss, active) if return_active else loss
 
 
@@ -198,3 +196,25 @@ def _full_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, settings: Mar
         embeddings, weight, labels, 0, weight.shape[0], *settings.op_args()
     )
     return reduce_rows(lse - target, labels != settings.ignore_index, reduction)
+
+
+def head_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, settings: MarginSettings, reduction: str,
+              negatives: Negatives | None, sparse_grad: bool = False) -> tuple[Tensor, Tensor | None]:
+    """(loss, active class ids or None without sampling): the forward of the classifier modules."""
+    if negatives is None:
+        return _full_loss(embeddings, weight, labels, settings, reduction), None
+    return sampled_loss(embeddings, weight, labels, settings, reduction, negatives, sparse_grad)
+
+
+def sampled_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, settings: MarginSettings, reduction: str,
+                 negatives: Negatives, sparse_grad: bool = False) -> tuple[Tensor, Tensor]:
+    """(the loss over the batch's positives plus sampled negatives, the sorted active class ids).
+
+    The active rows are gathered (F.embedding, row-sparse weight gradient with sparse_grad) and the labels
+    renumbered to positions among them; ignored rows become LOCAL_IGNORE, a negative id, so a user
+    ignore_index >= 0 can never collide with a position.
+    """
+    active = active_classes(negatives, embeddings, weight, labels, settings.ignore_index)
+    rows, local_labels = restrict_to_active(weight, labels, active, labels != settings.ignore_index, sparse_grad)
+    loss = _full_loss(embeddings, rows, local_labels, replace(settings, ignore_index=LOCAL_IGNORE), reduction)
+    return loss, active

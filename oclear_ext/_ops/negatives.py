@@ -79,6 +79,11 @@ def _uniform_classes(num_classes: int, count: int, taken: Tensor, generator, dev
     return free[:count]
 
 
+# Label of an ignored row after renumbering to positions in an active set: negative, so that it can never
+# collide with a position even when the user's ignore_index is a class id >= 0.
+LOCAL_IGNORE = -1
+
+
 def active_classes(
     negatives: Negatives, embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int
 ) -> Tensor:
@@ -87,40 +92,41 @@ def active_classes(
     Never empty: a batch whose rows are all ignored and that samples no negative gets class 0 as a
     placeholder (the loss of such a batch is 0 whatever the classes).
     """
-    ids = _sample(negatives, embeddings, weight, labels, ignore_index)
+    valid = labels != ignore_index
+    # Score against the rows that carry a label (ignored rows may be padding), or all rows if none does.
+    scoring_rows = embeddings[valid] if bool(valid.any()) else embeddings
+    ids = sample_active(negatives, scoring_rows, weight, torch.unique(labels[valid]))
     return ids if ids.numel() else torch.zeros(1, dtype=torch.long, device=labels.device)
 
 
-def _sample(negatives: Negatives, embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+def sample_active(negatives: Negatives, scoring_rows: Tensor, weight: Tensor, positives: Tensor) -> Tensor:
+    """Sorted ids (rows of `weight`) of `positives` (sorted, unique) plus the negatives `negatives` samples
+    among the other rows; top-k scores them against `scoring_rows`. May be empty."""
     num_classes = weight.shape[0]
-    valid = labels != ignore_index
-    positives = torch.unique(labels[valid])
     if isinstance(negatives, RandomNegatives):
         extra = _uniform_classes(num_classes, negatives.num_negatives(num_classes, positives.numel()), positives,
-                                 negatives.generator, labels.device)
+                                 negatives.generator, positives.device)
         return torch.sort(torch.cat([positives, extra])).values
     if isinstance(negatives, TopKNegatives):
         if negatives.k > num_classes:
             raise ValueError(f"TopKNegatives: k = {negatives.k} exceeds the number of classes, {num_classes}")
         k = min(negatives.k, num_classes - positives.numel())
-        # Score against the rows that carry a label (ignored rows may be padding), or all rows if none does.
-        rows = embeddings[valid] if bool(valid.any()) else embeddings
-        _, hard = hardest_classes(rows.detach(), weight.detach(), k, exclude=positives)
+        _, hard = hardest_classes(scoring_rows.detach(), weight.detach(), k, exclude=positives)
         taken = torch.sort(torch.cat([positives, hard])).values
         extra_count = min(negatives.random, num_classes - taken.numel())
-        extra = _uniform_classes(num_classes, extra_count, taken, negatives.generator, labels.device)
+        extra = _uniform_classes(num_classes, extra_count, taken, negatives.generator, positives.device)
         return torch.sort(torch.cat([taken, extra])).values
     raise TypeError(f"negatives must be None, RandomNegatives or TopKNegatives, got {type(negatives).__name__}")
 
 
-def restrict_to_active(weight: Tensor, labels: Tensor, active: Tensor, ignore_index: int,
+def restrict_to_active(weight: Tensor, labels: Tensor, active: Tensor, owned: Tensor,
                        sparse_grad: bool = False) -> tuple[Tensor, Tensor]:
-    """(the active rows of weight, labels renumbered to positions in `active`; ignored rows unchanged).
+    """(the active rows of weight, labels renumbered to positions in `active`, LOCAL_IGNORE where not `owned`).
 
-    With sparse_grad the rows are gathered by F.embedding(sparse=True), so weight.grad becomes a sparse
+    `labels` are ids of weight's rows wherever `owned` is True (there they must be in `active`). With
+    sparse_grad the rows are gathered by F.embedding(sparse=True), so weight.grad becomes a sparse
     (row-sparse) tensor holding only the active rows instead of a dense C x D tensor.
     """
     rows = torch.nn.functional.embedding(active, weight, sparse=sparse_grad)
-    valid = labels != ignore_index
-    local = torch.searchsorted(active, torch.where(valid, labels, active[:1].expand_as(labels)))
-    return rows, torch.where(valid, local, labels)
+    local = torch.searchsorted(active, torch.where(owned, labels, active[:1].expand_as(labels)))
+    return rows, torch.where(owned, local, torch.full_like(labels, LOCAL_IGNORE))

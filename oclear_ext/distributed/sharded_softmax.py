@@ -13,13 +13,16 @@ independent of C.
 
 from __future__ import annotations
 
+import math
 import struct
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .._ops.margin_softmax import OP_NAME, MarginSettings, check_reduction, reduce_rows
+from .._ops.negatives import LOCAL_IGNORE, Negatives, restrict_to_active, sample_active
 from .collectives import all_gather_rows, all_reduce_max, gather_rows_with_grad, sum_replicated_with_grad
 
 
@@ -61,7 +64,9 @@ def sharded_margin_softmax_loss(
     *,
     reduction: str = "mean",
     group=None,
-) -> Tensor:
+    negatives: Negatives | None = None,
+    sparse_grad: bool = False,
+) -> tuple[Tensor, Tensor | None]:
     """Margin softmax loss of the global batch with the class weights sharded over `group`.
 
     Args:
@@ -69,9 +74,16 @@ def sharded_margin_softmax_loss(
         local_labels: (n,) int64 global class ids, or settings.ignore_index.
         weight_shard: (len(shard), D) this rank's class rows W[shard].
         shard: this rank's classes, partition(num_classes, world_size)[rank].
+        negatives: None (every class of every shard), or a sampler applied by each shard to its own
+            classes: the shard's positives in the global batch plus, for TopKNegatives(k), the k hardest of
+            its other classes (scored against the whole global batch) and, for RandomNegatives(rate), enough
+            uniform draws to make rate * len(shard) classes (count: that many per shard). The global active
+            set is the union over shards; a shard may end up with none.
+        sparse_grad: with negatives, weight_shard.grad becomes row-sparse (the active rows only).
     Returns:
-        "mean" / "sum": the global batch's loss, identical on every rank ("mean" divides by the number
-        of non-ignored rows of all ranks); "none": (world * n,) per-row losses of the global batch.
+        (loss, active): "mean" / "sum": the global batch's loss, identical on every rank ("mean" divides by
+        the number of non-ignored rows of all ranks); "none": (world * n,) per-row losses of the global
+        batch. active: this shard's active class ids (global, sorted), or None without negatives.
     """
     check_reduction(reduction)
     if weight_shard.shape[0] != len(shard):
@@ -83,13 +95,19 @@ def sharded_margin_softmax_loss(
     #    receives the sum over shards of the gradient of its own rows. Labels need no gradient.
     x = gather_rows_with_grad(local_embeddings, group)  # (P n, D)
     labels = all_gather_rows(local_labels, group)  # (P n,)
+    valid = labels != settings.ignore_index
 
     # 2. This shard's statistics with the fused op: lse_r = log sum_{c in shard} exp(z_ic), and the
     #    target logit where this shard owns y_i (0 elsewhere). Its backward gives dW_r and shard r's
-    #    share of dL/dX.
-    lse_r, target_r, _ = torch.ops.oclear.margin_softmax_forward(
-        x, weight_shard, labels, shard.start, num_classes, *settings.op_args()
-    )
+    #    share of dL/dX. With sampling, the same over the shard's active classes only.
+    if negatives is None:
+        active = None
+        lse_r, target_r, _ = torch.ops.oclear.margin_softmax_forward(
+            x, weight_shard, labels, shard.start, num_classes, *settings.op_args()
+        )
+    else:
+        active, lse_r, target_r = _sampled_shard_statistics(x, labels, valid, weight_shard, shard, settings,
+                                                            negatives, sparse_grad)
 
     # 3. All-reduce MAX of the shard maxima. M is only a shift for stability, LSE = M + log sum_r
     #    exp(lse_r - M) holds for any M, so no gradient flows through it.
@@ -104,7 +122,32 @@ def sharded_margin_softmax_loss(
 
     # 5. The loss, from replicated quantities only, hence identical on every rank. Ignored rows are known
     #    everywhere (labels were gathered), so "mean" divides by the global count of valid rows.
-    return reduce_rows(lse - target, labels != settings.ignore_index, reduction)
+    return reduce_rows(lse - target, valid, reduction), active
+
+
+def _sampled_shard_statistics(x: Tensor, labels: Tensor, valid: Tensor, weight_shard: Tensor, shard: range,
+                              settings: MarginSettings, negatives: Negatives,
+                              sparse_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(this shard's active class ids (global), lse_r, target_r) over the shard's sampled classes."""
+    owned = valid & (labels >= shard.start) & (labels < shard.stop)
+    local_labels = labels - shard.start
+    positives = torch.unique(local_labels[owned])
+    scoring_rows = x[valid] if bool(valid.any()) else x
+    active = sample_active(negatives, scoring_rows.detach(), weight_shard, positives)
+    if active.numel() == 0 and not bool(valid.any()) and shard.start == 0:
+        active = torch.zeros(1, dtype=torch.long, device=x.device)  # all rows ignored: one placeholder class
+    if active.numel() == 0:
+        # Nothing of this shard takes part: lse_r = -inf contributes exp(-inf - M) = 0 to every row's sum.
+        # Some other shard is not empty (the placeholder above guarantees it), so M stays finite. The
+        # 0 * x term keeps x in this rank's graph: its backward must still join the reduce-scatter.
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        lse_r = (x.to(acc) * 0).sum(1) - math.inf
+        return active + shard.start, lse_r, torch.zeros_like(lse_r)
+    rows, block_labels = restrict_to_active(weight_shard, local_labels, active, owned, sparse_grad)
+    lse_r, target_r, _ = torch.ops.oclear.margin_softmax_forward(
+        x, rows, block_labels, 0, rows.shape[0], *replace(settings, ignore_index=LOCAL_IGNORE).op_args()
+    )
+    return active + shard.start, lse_r, target_r
 
 
 def world_and_rank(group=None) -> tuple[int, int]:

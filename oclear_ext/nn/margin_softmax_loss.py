@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .._ops.margin_softmax import MarginSettings, _full_loss, check_reduction
-from .._ops.negatives import Negatives, active_classes, restrict_to_active
+from .._ops.margin_softmax import MarginSettings, check_reduction, head_loss
+from .._ops.negatives import Negatives
 
 
 class MarginSoftmaxLoss(nn.Module):
@@ -56,14 +56,9 @@ class MarginSoftmaxLoss(nn.Module):
         nn.init.normal_(self.weight, mean=0.0, std=0.01)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        s = self.settings
-        if self.negatives is None:
-            self.active_classes = None
-            return _full_loss(embeddings, self.weight, labels, s, self.reduction)
-        active = active_classes(self.negatives, embeddings, self.weight, labels, s.ignore_index)
-        rows, active_labels = restrict_to_active(self.weight, labels, active, s.ignore_index, self.sparse_grad)
-        self.active_classes = active
-        return _full_loss(embeddings, rows, active_labels, s, self.reduction)
+        loss, self.active_classes = head_loss(embeddings, self.weight, labels, self.settings, self.reduction,
+                                              self.negatives, self.sparse_grad)
+        return loss
 
     def extra_repr(self) -> str:
         s = self.settings

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .._ops.margin_softmax import MarginSettings, check_reduction, margin_softmax_loss
+from .._ops.margin_softmax import MarginSettings, check_reduction, head_loss
+from .._ops.negatives import Negatives
 from ..distributed.partition import partition
 from ..distributed.sharded_softmax import sharded_margin_softmax_loss, world_and_rank
 
@@ -21,6 +22,12 @@ class ShardedMarginClassifier(nn.Module):
     Do not wrap it in DistributedDataParallel: its parameters differ by rank. Put `weight` in its own
     optimizer parameter group. Encoders under DDP: the loss is already the global mean, so their gradients
     must be SUMMED over ranks, not averaged (see oclear_ext.distributed.ddp_sum_gradients).
+
+    Negative sampling (`negatives`) happens per shard, among the shard's own classes: every positive of the
+    global batch that the shard holds, plus TopKNegatives(k): the shard's k hardest other classes (so about
+    k * world_size in all), or RandomNegatives(rate): rate of the shard's classes (count: per shard). After
+    forward, `active_classes` holds this shard's active class ids (global ids, sorted), and with
+    sparse_grad=True weight.grad is row-sparse, for oclear_ext.optim's row-sparse optimizers.
     """
 
     def __init__(
@@ -35,6 +42,8 @@ class ShardedMarginClassifier(nn.Module):
         interclass_filter: float | None = None,
         ignore_index: int = -100,
         reduction: str = "mean",
+        negatives: Negatives | None = None,
+        sparse_grad: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -44,6 +53,9 @@ class ShardedMarginClassifier(nn.Module):
         self.settings = MarginSettings(scale, margin, arcface_grad, interclass_filter, ignore_index)
         check_reduction(reduction)
         self.reduction = reduction
+        self.negatives = negatives
+        self.sparse_grad = sparse_grad
+        self.active_classes: Tensor | None = None
         self.process_group = process_group
         self.world_size, self.rank = world_and_rank(process_group)
         self.num_classes = num_classes
@@ -58,16 +70,16 @@ class ShardedMarginClassifier(nn.Module):
     def forward(self, local_embeddings: Tensor, local_labels: Tensor) -> Tensor:
         s = self.settings
         if self.world_size == 1:
-            return margin_softmax_loss(
-                local_embeddings, self.weight, local_labels, scale=s.scale, margin=s.margin,
-                arcface_grad=s.arcface_grad, interclass_filter=s.interclass_filter,
-                ignore_index=s.ignore_index, reduction=self.reduction,
-            )
-        return sharded_margin_softmax_loss(
+            loss, self.active_classes = head_loss(local_embeddings, self.weight, local_labels, s, self.reduction,
+                                                  self.negatives, self.sparse_grad)
+            return loss
+        loss, self.active_classes = sharded_margin_softmax_loss(
             local_embeddings, local_labels, self.weight, self.shard, self.num_classes, s,
-            reduction=self.reduction, group=self.process_group,
+            reduction=self.reduction, group=self.process_group, negatives=self.negatives, sparse_grad=self.sparse_grad,
         )
+        return loss
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
-                f"shard=[{self.shard.start}, {self.shard.stop}) of world {self.world_size}, {self.settings}")
+                f"shard=[{self.shard.start}, {self.shard.stop}) of world {self.world_size}, {self.settings}, "
+                f"negatives={self.negatives}")
