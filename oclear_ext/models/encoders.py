@@ -1,0 +1,86 @@
+"""Default encoders that train on a CPU in minutes and need no download: a small CNN and a hashing text encoder."""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+class SmallCNN(nn.Module):
+    """(B, 3, H, W) images in [0, 1] -> (B, out_features): four stride-2 conv blocks and global average pooling.
+
+    Inputs are standardised per channel inside (ImageNet statistics), so callers pass raw [0, 1] pixels.
+    """
+
+    def __init__(self, width: int = 32, out_features: int = 256) -> None:
+        super().__init__()
+        chans = [3, width, 2 * width, 4 * width, out_features]
+        blocks = []
+        for c_in, c_out in zip(chans, chans[1:]):
+            blocks += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*blocks)
+        self.out_features = out_features
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"SmallCNN: images must be (B, 3, H, W), got {tuple(images.shape)}")
+        x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        return self.features(x).mean(dim=(2, 3))
+
+
+class HashingTokenizer:
+    """Lower-cased alphanumeric words hashed (CRC-32, stable across runs and machines) into `buckets` ids.
+
+    Id 0 is padding; a word maps to 1 + crc32(word) % buckets. Texts longer than max_tokens are cut
+    (max_tokens is a model setting, documented, not a silent data loss: titles are short).
+    """
+
+    def __init__(self, buckets: int = 32768, max_tokens: int = 32) -> None:
+        if buckets < 1 or max_tokens < 1:
+            raise ValueError(f"HashingTokenizer: buckets and max_tokens must be >= 1, got {buckets}, {max_tokens}")
+        self.buckets = buckets
+        self.max_tokens = max_tokens
+
+    def words(self, text: str | None) -> list[str]:
+        return _WORD.findall(text.lower())[: self.max_tokens] if text else []
+
+    def __call__(self, texts: Sequence[str | None], device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+        """(ids (B, L) int64, padding mask (B, L) bool, True = padding); L = longest text, at least 1."""
+        rows = [[1 + zlib.crc32(w.encode()) % self.buckets for w in self.words(t)] for t in texts]
+        length = max([len(r) for r in rows] + [1])
+        ids = torch.zeros(len(rows), length, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return ids.to(device), (ids == 0).to(device)
+
+
+class HashingTextEncoder(nn.Module):
+    """texts -> (token embeddings (B, L, dim), padding mask (B, L)): hashed word embeddings plus positions.
+
+    No vocabulary file and no download; collisions among 32k buckets are rare for catalogue titles.
+    A text-less document (None or no words) is all padding, which the fusion turns into "no text".
+    """
+
+    def __init__(self, dim: int, buckets: int = 32768, max_tokens: int = 32) -> None:
+        super().__init__()
+        self.tokenizer = HashingTokenizer(buckets, max_tokens)
+        self.embed = nn.Embedding(buckets + 1, dim, padding_idx=0)
+        self.position = nn.Parameter(torch.zeros(max_tokens, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.out_features = dim
+        nn.init.normal_(self.embed.weight, std=0.02)
+        with torch.no_grad():
+            self.embed.weight[0].zero_()
+
+    def forward(self, texts: Sequence[str | None]) -> tuple[Tensor, Tensor]:
+        ids, mask = self.tokenizer(texts, device=self.embed.weight.device)
+        tokens = self.norm(self.embed(ids) + self.position[: ids.shape[1]])
+        return tokens, mask

@@ -1,0 +1,24 @@
+"""Encoders by name (the defaults that train on a CPU; pretrained encoders will register here too)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .encoders import HashingTextEncoder, SmallCNN
+
+IMAGE_ENCODERS = ("small-cnn",)
+TEXT_ENCODERS = ("hashing",)
+
+
+def build_image_encoder(name: str) -> nn.Module:
+    """An image encoder with `out_features`; images (B, 3, H, W) in [0, 1]."""
+    if name == "small-cnn":
+        return SmallCNN()
+    raise ValueError(f"unknown image encoder {name!r}; expected one of {IMAGE_ENCODERS}")
+
+
+def build_text_encoder(name: str, dim: int) -> nn.Module:
+    """A text encoder: texts -> (tokens (B, L, dim), padding mask (B, L), True = padding)."""
+    if name == "hashing":
+        return HashingTextEncoder(dim)
+    raise ValueError(f"unknown text encoder {name!r}; expected one of {TEXT_ENCODERS}")

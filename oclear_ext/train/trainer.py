@@ -1,0 +1,230 @@
+"""The training loop: DDP encoders + class-sharded margin softmax, under torchrun or in one process.
+
+Per step: the rank's batch (queries and docs mixed) -> OclearModel (DDP, gradients SUMMED over ranks because
+the classifier returns the global batch's loss) -> ShardedMarginClassifier (class weights split over ranks,
+optional negative sampling with row-sparse optimizer steps) -> backward -> clip the model's gradient norm ->
+both optimizers step -> both LR schedules step. Rank 0 shows a progress bar (loss, samples/s, ETA), writes
+metrics.jsonl and evaluates retrieval on the validation manifest every eval_every steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from .. import RandomNegatives, TopKNegatives
+from ..data.dataset import ManifestDataset, collate
+from ..distributed import ddp_sum_gradients
+from ..distributed.sharded_softmax import world_and_rank
+from ..models import ModelConfig, OclearModel
+from ..nn import ShardedMarginClassifier
+from ..optim import RowSparseAdamW, RowSparseSGD
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import resolve_manifest
+from .evaluation import evaluate_model
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(world, rank): joins torchrun's process group when launched by it (gloo on CPU, NCCL on CUDA)."""
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return world_and_rank()
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("config: device = cuda but CUDA is not available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def lr_lambda(config: TrainConfig, total_steps: int):
+    """Linear warm-up over warmup_steps, then constant or cosine decay to 0 at total_steps."""
+    def factor(step: int) -> float:
+        if config.warmup_steps and step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+def build_negatives(config: TrainConfig, seed: int):
+    kind, value = config.negatives_spec()
+    if kind == "topk":
+        return TopKNegatives(int(value)), None
+    if kind == "random":
+        generator = torch.Generator().manual_seed(seed)
+        return RandomNegatives(rate=value, generator=generator), generator
+    return None, None
+
+
+def build_optimizers(config: TrainConfig, model, classifier, sampled: bool):
+    cls_lr = config.classifier_lr or config.lr
+    if config.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        cls_type = RowSparseSGD if sampled else torch.optim.SGD
+        cls_opt = cls_type([classifier.weight], lr=cls_lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        cls_type = RowSparseAdamW if sampled else torch.optim.AdamW
+        cls_opt = cls_type([classifier.weight], lr=cls_lr, weight_decay=config.weight_decay)
+    return opt, cls_opt
+
+
+class MetricsLog:
+    """metrics.jsonl in the run folder (rank 0 only): one JSON object per line."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def train(config: TrainConfig) -> dict:
+    """Runs training as configured; returns a summary (final step, last loss, evaluation, throughput)."""
+    device = pick_device(config.device)
+    world, rank = init_distributed(device)
+    out = Path(config.out_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        config.save(out / "config.json")
+    torch.manual_seed(config.seed)  # the same model init on every rank (DDP also broadcasts it)
+
+    train_manifest = resolve_manifest(config.train_manifest, "train", out / "data", rank)
+    dataset = ManifestDataset(train_manifest, image_size=config.image_size, seed=config.seed)
+    if rank == 0:
+        dataset.class_index.save(out / "classes.json")
+    weights = torch.tensor([it.weight for it in (dataset.manifest.items[p] for p in dataset.positions)]) \
+        if config.weighted_sampling else None
+    sampler = _batch_sampler(config, len(dataset), rank, world, weights)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=config.num_workers)
+    steps_per_epoch = len(sampler)
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+
+    model = OclearModel(ModelConfig(config.dim, config.image_encoder, config.text_encoder, config.fusion,
+                                    config.num_concepts, config.num_heads, config.image_size)).to(device)
+    negatives, neg_generator = build_negatives(config, config.seed * 7919 + rank)
+    torch.manual_seed(config.seed * 7919 + rank)  # each rank draws its own classifier shard
+    classifier = ShardedMarginClassifier(len(dataset.class_index), config.dim, scale=config.scale,
+                                         margin=config.margin, negatives=negatives,
+                                         sparse_grad=negatives is not None, device=device)
+    opt, cls_opt = build_optimizers(config, model, classifier, negatives is not None)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(config, total_steps)) for o in (opt, cls_opt)]
+    generators = {"negatives": neg_generator} if neg_generator is not None else {}
+    step, epoch, batch_in_epoch = 0, 0, 0
+    if config.resume:
+        position = load_checkpoint(config.resume, model=model, classifier=classifier, optimizer=opt,
+                                   classifier_optimizer=cls_opt, schedulers=schedulers, generators=generators,
+                                   device=device)
+        step, epoch, batch_in_epoch = position["step"], position["epoch"], position["batch_in_epoch"]
+    ddp = model
+    if world > 1:
+        ddp = ddp_sum_gradients(DistributedDataParallel(model, find_unused_parameters=True))
+
+    log = MetricsLog(out / "metrics.jsonl", rank == 0)
+    bar = _progress(config, rank, total_steps, step)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    losses: list[float] = []
+    samples, t_start = 0, time.perf_counter()
+    evaluation = None
+    model.train()
+    while step < total_steps:
+        sampler.set_epoch(epoch, batch_in_epoch)
+        dataset.set_epoch(epoch)
+        for batch in loader:
+            images = batch["image"].to(device, non_blocking=True)
+            labels = batch["label"].to(device, non_blocking=True)
+            is_query = torch.tensor([r == "query" for r in batch["role"]], device=device)
+            with autocast:
+                emb = ddp(images, batch["text"], is_query)
+            loss = classifier(emb.float(), labels)
+            opt.zero_grad(set_to_none=True)
+            cls_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            opt.step()
+            cls_opt.step()
+            for s in schedulers:
+                s.step()
+            step += 1
+            batch_in_epoch += 1
+            samples += images.shape[0] * world
+            losses.append(loss.item())
+            elapsed = time.perf_counter() - t_start
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", samples_s=f"{samples / elapsed:.0f}", epoch=epoch)
+            if step % config.log_every == 0 or step == total_steps:
+                log.write({"step": step, "epoch": epoch, "loss": losses[-1], "lr": schedulers[0].get_last_lr()[0],
+                           "samples_per_s": samples / elapsed, "elapsed_s": elapsed})
+            if config.eval_every and step % config.eval_every == 0 and step < total_steps:
+                evaluation = _evaluate(config, model, out, step, rank, log)
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+                _save(config, out, step, epoch, batch_in_epoch, model, classifier, opt, cls_opt, schedulers, generators)
+            if step >= total_steps:
+                break
+        else:
+            epoch, batch_in_epoch = epoch + 1, 0
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - t_start
+    _save(config, out, step, epoch, batch_in_epoch, model, classifier, opt, cls_opt, schedulers, generators)
+    if config.val_manifest:
+        evaluation = _evaluate(config, model, out, step, rank, log)
+    summary = {"step": step, "losses": losses, "samples_per_s": samples / elapsed if elapsed > 0 else None,
+               "world_size": world, "evaluation": evaluation, "out_dir": str(out)}
+    if rank == 0:
+        (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
+    return summary
+
+
+def _batch_sampler(config: TrainConfig, num_rows: int, rank: int, world: int, weights):
+    from .sampler import RankBatchSampler
+
+    return RankBatchSampler(num_rows, config.batch_size, rank, world, config.seed, weights)
+
+
+def _progress(config: TrainConfig, rank: int, total: int, initial: int):
+    if rank != 0 or not config.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _save(config, out, step, epoch, batch_in_epoch, model, classifier, opt, cls_opt, schedulers, generators):
+    save_checkpoint(out, step, model=model, classifier=classifier, optimizer=opt, classifier_optimizer=cls_opt,
+                    schedulers=schedulers, config=config.__dict__.copy(), generators=generators,
+                    position={"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch})
+
+
+def _evaluate(config: TrainConfig, model, out: Path, step: int, rank: int, log: MetricsLog):
+    result = None
+    if rank == 0:
+        manifest = resolve_manifest(config.val_manifest, "heldout", out / "data", rank)
+        result = evaluate_model(model, manifest)
+        log.write({"step": step, "eval": result})
+    if dist.is_initialized():
+        dist.barrier()
+    return result
