@@ -138,7 +138,7 @@ def _check_line(obj: object, root: Path, check_images: ImageCheck) -> tuple[Mani
         if not isinstance(image, str) or not image:
             errors.append(f"'image' must be a non-empty path string, got {image!r}")
         else:
-            image_path = image if os.path.isabs(image) else str(root / image)
+            image_path = os.path.normpath(image if os.path.isabs(image) else str(root / image))
             if check_images != "none" and not os.path.isfile(image_path):
                 errors.append(f"image file not found: {image!r} (resolved to {image_path})")
             elif check_images == "header":
