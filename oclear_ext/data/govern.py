@@ -171,7 +171,7 @@ def near_duplicate_pairs(hashes: Sequence[int], max_distance: int) -> list[tuple
     agree exactly on at least one block, so only hashes that share a block value are compared.
     """
     blocks = max_distance + 1
-    edges = np.linspace(0, 64, blocks + 1).astype(int)
+    edges = [int(x) for x in np.linspace(0, 64, blocks + 1)]  # Python ints: numpy ones overflow on 64-bit shifts
     buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, h in enumerate(hashes):
         for b in range(blocks):
