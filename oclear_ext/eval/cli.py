@@ -23,6 +23,24 @@ from .report import draw_grid, write_results
 from .search import IndexOptions
 
 
+def run_info() -> dict:
+    """Versions and git revision, so a metrics file says what produced it."""
+    import platform
+    import subprocess
+
+    import faiss
+    import numpy
+    import torch
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        rev = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "faiss": faiss.__version__,
+            "numpy": numpy.__version__, "git_revision": rev, "machine": platform.machine()}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="oclear-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
@@ -88,7 +106,8 @@ def run(args: argparse.Namespace) -> dict:
                           query_categories=cats[0], doc_categories=cats[1], options=options)
         ids = lambda items: [it.id if it.id is not None else f"line {it.line}" for it in items]
         extra = {"data": data_name, "embeddings": source, "queries": len(queries), "docs": len(docs),
-                 "classes": len(set(manifest.labels())), "dim": int(q.shape[1]), "embed_seconds": round(t_embed, 3)}
+                 "classes": len(set(manifest.labels())), "dim": int(q.shape[1]), "embed_seconds": round(t_embed, 3),
+                 "run": run_info()}
         write_results(result, args.out, ids(queries), ids(docs), extra)
         if args.grid_queries > 0:
             draw_grid(result, [it.image for it in queries], [it.image for it in docs], Path(args.out) / "grid.png",
