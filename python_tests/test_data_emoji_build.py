@@ -1,0 +1,76 @@
+"""The emoji builder on a miniature copy of the npm packages (no network): layout, manifests, split, licences."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from oclear_ext.data import load_manifest
+from oclear_ext.data.emoji import build, build_compact, emoji_split, read_records
+
+pytest.importorskip("cairosvg", reason="the builder rasterises OpenMoji SVGs with cairosvg (pip install cairosvg)")
+
+EMOJI = [  # unified, name, short names, subcategory
+    ("1F600", "GRINNING FACE", ["grinning"], "face-smiling"),
+    ("1F603", "SMILING FACE WITH OPEN MOUTH", ["smiley"], "face-smiling"),
+    ("1F604", "SMILING FACE WITH OPEN MOUTH AND SMILING EYES", ["smile"], "face-smiling"),
+    ("2764-FE0F", "HEAVY BLACK HEART", ["heart"], "heart"),
+]
+SVG = '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 72 72"><circle cx="36" cy="36" r="30" fill="#{}"/></svg>'
+
+
+@pytest.fixture
+def packages(tmp_path):
+    """The files the builder reads, laid out as `npm pack` + extract leaves them."""
+    root = tmp_path / "pk"
+    table = [{"unified": u, "name": n, "short_name": s[0], "short_names": s, "category": "Smileys & Emotion",
+              "subcategory": sub, "sort_order": i, "image": f"{u.lower()}.png"} for i, (u, n, s, sub) in enumerate(EMOJI)]
+    meta = root / "meta" / "package"
+    meta.mkdir(parents=True)
+    (meta / "package.json").write_text("{}")
+    (meta / "emoji.json").write_text(json.dumps(table))
+    (meta / "LICENSE").write_text("The MIT License (MIT)")
+    for vendor, colour in (("google", (200, 0, 0)), ("twitter", (0, 0, 200))):
+        pkg = root / vendor / "package"
+        (pkg / "img" / vendor / "64").mkdir(parents=True)
+        (pkg / "package.json").write_text("{}")
+        for e in table:
+            Image.new("RGBA", (64, 64), colour + (255,)).save(pkg / "img" / vendor / "64" / e["image"])
+    om = root / "openmoji" / "package"
+    (om / "color" / "svg").mkdir(parents=True)
+    (om / "package.json").write_text("{}")
+    (om / "LICENSE.txt").write_text("Attribution-ShareAlike 4.0 International")
+    for u, *_ in EMOJI:
+        (om / "color" / "svg" / f"{u.replace('-FE0F', '')}.svg").write_text(SVG.format("00aa00"))  # openmoji drops FE0F
+    return root
+
+
+def test_build_writes_images_manifests_and_attribution(packages, tmp_path):
+    out = tmp_path / "out"
+    build(out, size=16, packages=packages)
+    for vendor in ("google", "twitter", "openmoji"):
+        for u, *_ in EMOJI:
+            im = Image.open(out / "images" / vendor / f"{u}.png")
+            assert im.size == (16, 16) and im.mode == "RGBA"
+    assert Image.open(out / "images" / "openmoji" / "1F600.png").getpixel((8, 8))[:3] == (0, 170, 0)
+    full = load_manifest(out / "manifest.jsonl", check_images="header")
+    assert len(full.indices("query")) == 2 * len(EMOJI) and len(full.indices("doc")) == len(EMOJI)
+    split = emoji_split(read_records(packages / "meta" / "package"))
+    held = load_manifest(out / "heldout.jsonl")
+    train = load_manifest(out / "train.jsonl")
+    assert set(held.labels()) == {u for u, s in split.items() if s == "heldout"}
+    assert not set(held.labels()) & set(train.labels())
+    assert all(it.id.endswith("/twitter") for it in held.items if it.role == "query")
+    assert "CC-BY-SA-4.0" in (out / "ATTRIBUTION.md").read_text()
+
+
+def test_build_compact_atlas_round_trips(packages, tmp_path):
+    out = build_compact(tmp_path / "compact", packages=packages, size=8)
+    meta = json.loads((out / "atlas.json").read_text())
+    assert meta["count"] == len(EMOJI) and meta["tile"] == 8
+    atlas = Image.open(out / "twitter.png")
+    assert atlas.size == (meta["columns"] * 8, 8)
+    assert atlas.getpixel((8 * 3 + 4, 4)) == (0, 0, 200, 255)  # fourth tile
+    assert atlas.getpixel((8 * 4 + 4, 4))[3] == 0  # past the last tile: transparent
+    rows = [json.loads(l) for l in (out / "emoji.jsonl").read_text().splitlines()]
+    assert [r["unified"] for r in rows] == [u for u, *_ in EMOJI]
