@@ -113,6 +113,36 @@ inline void gemm_into(bool accumulate, int64_t m, int64_t n, int64_t k, const T*
 inline float exp_nonpositive(float x) { return x < -87.0f ? 0.0f : fast_exp(x); }
 inline double exp_nonpositive(double x) { return std::exp(x); }
 
+// row[j] += bias[j] for j < n (n a multiple of the vector length); returns the max of the row.
+// Written on vectors: a scalar max reduction is a latency chain the compiler does not vectorise.
+template <typename T>
+inline T add_bias_and_max(T* row, const T* bias, int64_t n) {
+  using V = typename Simd<T>::V;
+  using U = typename Simd<T>::U;
+  constexpr int64_t L = kLanes<T>;
+  V mx = V{} + T(-INFINITY);
+  for (int64_t j = 0; j < n; j += L) {
+    const V x = *reinterpret_cast<const U*>(row + j) + *reinterpret_cast<const U*>(bias + j);
+    *reinterpret_cast<U*>(row + j) = x;
+    mx = x > mx ? x : mx;
+  }
+  T out = mx[0];
+  for (int64_t l = 1; l < L; ++l) out = std::max(out, T(mx[l]));
+  return out;
+}
+
+// Pulls a (rows x row_len) block of a strided tensor towards L2 while the current (b, h) computes:
+// each (b, h) reads tens of KiB that are cold in cache, and the hardware prefetcher only ramps up
+// within a block.
+template <typename scalar_t>
+inline void prefetch_rows(const scalar_t* src, int64_t rows, int64_t row_stride, int64_t row_len) {
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t j = 0; j < rows; ++j) {
+    const scalar_t* row = src + j * row_stride;
+    for (int64_t x = 0; x < row_len; x += kLine) __builtin_prefetch(row + x, 0, 2);
+  }
+}
+
 // Padded sizes of one problem: keys to a multiple of the vector length (padding keys are masked),
 // Dh to a multiple of the vector length (padding columns are zero and contribute nothing).
 template <typename T>
@@ -202,12 +232,7 @@ void forward_head(const AttentionProblem<scalar_t>& p, const Padded<T>& pad, int
       const T* bias = w.bias.data() + j0;
       for (int64_t i = 0; i < tq; ++i) {
         T* row = s + i * kKeyBlock;
-        T mx = w.m[i];
-#pragma omp simd reduction(max : mx)
-        for (int64_t j = 0; j < kw; ++j) {
-          row[j] += bias[j];
-          mx = std::max(mx, row[j]);
-        }
+        const T mx = std::max(w.m[i], add_bias_and_max(row, bias, kw));
         if (mx == T(-INFINITY)) {  // no key of this row so far: P row = 0, state unchanged
           std::fill(row, row + kw, T(0));
           w.alpha[i] = T(1);
@@ -248,6 +273,15 @@ void forward_head(const AttentionProblem<scalar_t>& p, const Padded<T>& pad, int
 }
 
 template <typename scalar_t>
+void prefetch_inputs(const AttentionProblem<scalar_t>& p, int64_t b, int64_t h) {
+  prefetch_rows(head_ptr(p.q, p.q_strides, b, h), p.lq, p.q_strides.row, p.dh);
+  if (!p.kv_broadcast) {
+    prefetch_rows(head_ptr(p.k, p.k_strides, b, h), p.lk, p.k_strides.row, p.dh);
+    prefetch_rows(head_ptr(p.v, p.v_strides, b, h), p.lk, p.v_strides.row, p.dh);
+  }
+}
+
+template <typename scalar_t>
 void forward(const AttentionProblem<scalar_t>& p, scalar_t* out, at::opmath_type<scalar_t>* lse) {
   using T = at::opmath_type<scalar_t>;
   const Padded<T> pad(p.lk, p.dh);
@@ -269,6 +303,7 @@ void forward(const AttentionProblem<scalar_t>& p, scalar_t* out, at::opmath_type
     ForwardScratch<T> w(pad, !p.kv_broadcast);
     for (int64_t bh = bh0; bh < bh1; ++bh) {
       const int64_t b = bh / p.heads, h = bh % p.heads;
+      if (bh + 1 < bh1) prefetch_inputs(p, (bh + 1) / p.heads, (bh + 1) % p.heads);
       const T* kt;
       const T* vs;
       if (p.kv_broadcast) {
@@ -443,6 +478,11 @@ void backward(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_t>& i
       const int64_t bh1 = p.kv_broadcast ? (part + 1) * total / parts : part + 1;
       for (int64_t bh = bh0; bh < bh1; ++bh) {
         const int64_t b = bh / p.heads, h = bh % p.heads;
+        if (bh + 1 < bh1) {
+          prefetch_inputs(p, (bh + 1) / p.heads, (bh + 1) % p.heads);
+          prefetch_rows(io.grad_out + (bh + 1) * p.lq * p.dh, p.lq, p.dh, p.dh);
+          prefetch_rows(io.out + (bh + 1) * p.lq * p.dh, p.lq, p.dh, p.dh);
+        }
         KeyLayouts<T> keys;
         T* dk = nullptr;
         T* dv = nullptr;
