@@ -1,6 +1,8 @@
 """Modules built on the fused ops."""
 
+from .concept_attention import ConceptAttention
+from .concept_aware_fusion import ConceptAwareFusion
 from .margin_softmax_loss import MarginSoftmaxLoss
 from .sharded_margin_classifier import ShardedMarginClassifier
 
-__all__ = ["MarginSoftmaxLoss", "ShardedMarginClassifier"]
+__all__ = ["MarginSoftmaxLoss", "ShardedMarginClassifier", "ConceptAttention", "ConceptAwareFusion"]

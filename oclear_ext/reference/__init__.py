@@ -7,3 +7,6 @@ from .class_topk import hardest_classes
 from .margin_softmax import margin_softmax_loss
 
 __all__ = ["hardest_classes", "margin_softmax_loss"]
+from .concept_attention import concept_attention  # noqa: E402
+
+__all__ += ["concept_attention"]

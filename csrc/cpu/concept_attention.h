@@ -1,0 +1,60 @@
+// CPU kernels of concept attention (see concept_attention.cpp and concept_attention_kernel.h).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <optional>
+#include <tuple>
+
+namespace oclear::cpu {
+
+// Element strides of a (batch, head, row, Dh) tensor whose last dimension is contiguous.
+struct Strides4 {
+  int64_t batch, head, row;
+};
+
+// One problem: q (B, H, Lq, Dh), k and v (B or 1, H, Lk, Dh), mask (B, Lk) or null.
+template <typename scalar_t>
+struct AttentionProblem {
+  int64_t batch, heads, lq, lk, dh;
+  bool kv_broadcast;  // k, v have batch 1: one memory shared by the whole batch
+  const scalar_t* q;
+  const scalar_t* k;
+  const scalar_t* v;
+  Strides4 q_strides, k_strides, v_strides;
+  const bool* mask;  // contiguous (B, Lk), true = padding; null = no padding
+  double scale;
+};
+
+// Backward inputs (contiguous (B, H, Lq, Dh) grad_out and out, (B, H, Lq) lse) and outputs
+// (contiguous, null when not needed).
+template <typename scalar_t>
+struct BackwardIO {
+  const scalar_t* grad_out;
+  const scalar_t* out;
+  const at::opmath_type<scalar_t>* lse;
+  scalar_t* grad_q;
+  scalar_t* grad_k;
+  scalar_t* grad_v;
+};
+
+// out (B, H, Lq, Dh) contiguous in q's dtype, lse (B, H, Lq) in the accumulation dtype
+// (float32, float64 for float64); a query row whose keys are all padding gets out = 0, lse = -inf.
+std::tuple<at::Tensor, at::Tensor> concept_attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v,
+                                                             const std::optional<at::Tensor>& key_padding_mask,
+                                                             double scale);
+
+// Gradients of sum(grad_out * out) with respect to q, k, v (k's and v's summed over the batch when
+// they broadcast); an output that is not needed is returned as an empty tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> concept_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out, const at::Tensor& lse, double scale,
+    bool need_grad_q, bool need_grad_k, bool need_grad_v);
+
+// The instruction set the kernels run with: "avx512", "avx2" or "baseline" (follows torch's CPU
+// capability, so ATEN_CPU_CAPABILITY=default|avx2 selects the others, e.g. for tests).
+const char* concept_attention_isa();
+
+}  // namespace oclear::cpu

@@ -1,0 +1,47 @@
+// CUDA concept attention launchers: raw pointers, sizes, strides and a stream, no torch headers
+// (the .cu compiles standalone with nvcc; csrc/ops/concept_attention.cpp is the torch glue).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace oclear::cuda {
+
+enum class AttentionDtype { kFloat32, kBFloat16, kFloat16 };
+
+// q (B, H, Lq, Dh), k and v (B or 1, H, Lk, Dh), each with a contiguous last dimension and the given
+// element strides of (batch, head, row); batch stride 0 for a memory shared by the batch.
+struct AttentionArgs {
+  int64_t batch, heads, lq, lk, dh;
+  bool kv_broadcast;
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_strides[3], k_strides[3], v_strides[3];
+  const bool* mask;  // contiguous (B, Lk), true = padding; null = none
+  float scale;
+  AttentionDtype dtype;
+};
+
+// Backward buffers. grad_out and out contiguous (B, H, Lq, Dh); lse, delta (B, H, Lq) float32
+// (delta is scratch); grad_q, grad_k, grad_v contiguous outputs in the input dtype, null when not
+// needed; acc_k, acc_v zero-initialised float32 (H, Lk, Dh) accumulators when k, v broadcast.
+struct AttentionGrads {
+  const void* grad_out;
+  const void* out;
+  const float* lse;
+  float* delta;
+  void* grad_q;
+  void* grad_k;
+  void* grad_v;
+  float* acc_k;
+  float* acc_v;
+};
+
+// out (B, H, Lq, Dh) contiguous in the input dtype, lse (B, H, Lq) float32. Lq, Lk >= 1, Dh <= 256.
+cudaError_t concept_attention_forward(const AttentionArgs& args, void* out, float* lse, cudaStream_t stream);
+
+cudaError_t concept_attention_backward(const AttentionArgs& args, const AttentionGrads& grads, cudaStream_t stream);
+
+}  // namespace oclear::cuda
