@@ -6,12 +6,16 @@ from pathlib import Path
 
 import torch
 
-from ..data.manifest import load_manifest
-from ..eval import embed_manifest, evaluate
+from ..data.manifest import Manifest, load_manifest
+from ..eval import EvalResult, embed_manifest, evaluate
 
 
-def evaluate_model(model: torch.nn.Module, manifest_path: str | Path, batch_size: int = 256) -> dict:
-    """Recall@1/5/10 and mAP@10 (instance level, and category level when the manifest has categories)."""
+def evaluate_on_manifest(model: torch.nn.Module, manifest_path: str | Path, batch_size: int = 256
+                         ) -> tuple[EvalResult, Manifest]:
+    """Ranks the manifest's docs for each of its queries with `model` (in eval mode, restored after).
+
+    Metrics at instance level, and at category level when every item has a category.
+    """
     manifest = load_manifest(manifest_path)
     was_training = model.training
     model.eval()
@@ -25,4 +29,9 @@ def evaluate_model(model: torch.nn.Module, manifest_path: str | Path, batch_size
     result = evaluate(q, d, [it.label for it in q_items], [it.label for it in d_items],
                       query_categories=[it.category for it in q_items] if with_categories else None,
                       doc_categories=[it.category for it in d_items] if with_categories else None)
-    return result.metrics
+    return result, manifest
+
+
+def evaluate_model(model: torch.nn.Module, manifest_path: str | Path, batch_size: int = 256) -> dict:
+    """The metrics dict of evaluate_on_manifest."""
+    return evaluate_on_manifest(model, manifest_path, batch_size)[0].metrics

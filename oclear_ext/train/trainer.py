@@ -100,7 +100,9 @@ class MetricsLog:
 
 
 def train(config: TrainConfig) -> dict:
-    """Runs training as configured; returns a summary (final step, last loss, evaluation, throughput)."""
+    """Runs training as configured. Returns the summary written to summary.json (final step, samples/s,
+    world size, last evaluation, run folder) plus "losses" (every step's loss on this rank) and "model"
+    (the trained OclearModel, unwrapped from DDP)."""
     device = pick_device(config.device)
     world, rank = init_distributed(device)
     out = Path(config.out_dir)
@@ -192,11 +194,11 @@ def train(config: TrainConfig) -> dict:
     _save(config, out, step, epoch, batch_in_epoch, model, classifier, opt, cls_opt, schedulers, generators)
     if config.val_manifest:
         evaluation = _evaluate(config, model, out, step, rank, log)
-    summary = {"step": step, "losses": losses, "samples_per_s": samples / elapsed if elapsed > 0 else None,
-               "world_size": world, "evaluation": evaluation, "out_dir": str(out)}
+    summary = {"step": step, "samples_per_s": samples / elapsed if elapsed > 0 else None, "world_size": world,
+               "evaluation": evaluation, "out_dir": str(out)}
     if rank == 0:
-        (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
-    return summary
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return {**summary, "losses": losses, "model": model}
 
 
 def _batch_sampler(config: TrainConfig, num_rows: int, rank: int, world: int, weights):
