@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import pickle
 import queue
 import socket
 import traceback
@@ -25,7 +26,9 @@ def _entry(fn, rank, world_size, port, results, collective_timeout_s, args):
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
             timeout=datetime.timedelta(seconds=collective_timeout_s),
         )
-        results.put((rank, "ok", fn(rank, world_size, *args)))
+        # Plain pickle bytes, not tensors: torch's multiprocessing queue would pass tensors as shared-memory
+        # handles that vanish when this process exits before the parent has read them (flaky under load).
+        results.put((rank, "ok", pickle.dumps(fn(rank, world_size, *args))))
     except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -57,7 +60,10 @@ def run_ranks(fn, world_size: int, *args, timeout_s: float = 120.0, collective_t
                 if dead:
                     raise RuntimeError(f"ranks {dead} died (exit codes {[procs[r].exitcode for r in dead]})")
                 continue
-            (out if status == "ok" else errors)[rank] = value
+            if status == "ok":
+                out[rank] = pickle.loads(value)
+            else:
+                errors[rank] = value
     finally:
         for p in procs:
             p.join(timeout=5)
