@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from oclear_ext.data import load_manifest
-from oclear_ext.data.govern import (Click, Doc, GovernConfig, build_classes, dhash, govern, main,
+from oclear_ext.data.govern import (Click, Doc, GovernConfig, build_classes, dhash, main,
                                     near_duplicate_pairs, read_logs)
 
 NO_MERGE = dict(dup_hamming=-1, min_shared_queries=0)
