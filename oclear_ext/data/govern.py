@@ -98,6 +98,8 @@ class GovernResult:
 
 
 def _read_jsonl(path: Path, required: dict[str, type], optional: dict[str, type], what: str) -> list[tuple[int, dict]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: no file at {path}")
     rows, errors = [], []
     with open(path, encoding="utf-8") as f:
         for n, raw in enumerate(f, start=1):
