@@ -35,6 +35,10 @@ def test_same_items_on_both_sides_never_match_themselves():
     sim.fill_diagonal_(-float("inf"))
     ref_scores, ref_ids = torch.topk(sim, 10, dim=1)
     assert np.array_equal(ids, ref_ids.numpy())
+    # Keys can be any hashable value, tuples included.
+    tuple_keys = [("item", i) for i in range(60)]
+    _, tuple_ids = search(x, x, 10, query_keys=tuple_keys, doc_keys=tuple_keys)
+    assert np.array_equal(tuple_ids, ids)
     # Without keys, each item finds itself first.
     _, plain = search(x, x, 1)
     assert (plain[:, 0] == np.arange(60)).all()

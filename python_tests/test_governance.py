@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from oclear_ext.data import load_manifest
-from oclear_ext.data.govern import (Click, Doc, GovernConfig, build_classes, dhash, govern, main,
+from oclear_ext.data.govern import (Click, Doc, GovernConfig, build_classes, dhash, main,
                                     near_duplicate_pairs, read_logs)
 
 NO_MERGE = dict(dup_hamming=-1, min_shared_queries=0)
@@ -197,6 +197,8 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     (tmp_path / "logs.jsonl").write_text('{"query_image": "q", "doc_id": "d", "count": 0}\n')
     with pytest.raises(ValueError, match="line 1: count must be >= 1"):
         read_logs(tmp_path / "logs.jsonl")
+    with pytest.raises(FileNotFoundError, match="logs: no file at"):
+        read_logs(tmp_path / "absent.jsonl")
     with pytest.raises(ValueError, match=r"dominance must be in \(0, 1\], got 1.5"):
         GovernConfig(dominance=1.5)
     with pytest.raises(ValueError, match="max_class_size must be >= min_class_size"):

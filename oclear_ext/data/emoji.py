@@ -205,8 +205,6 @@ def build(out: str | Path, size: int = 64, packages: str | Path | None = None) -
     train.jsonl (the same for training classes) and heldout.jsonl (the evaluation protocol: held-out
     classes, twitter queries, google + text documents).
     """
-    from PIL import Image  # noqa: F401  (fail early if Pillow is missing)
-
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
         roots = fetch_packages(packages or tmp)

@@ -98,6 +98,8 @@ class GovernResult:
 
 
 def _read_jsonl(path: Path, required: dict[str, type], optional: dict[str, type], what: str) -> list[tuple[int, dict]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: no file at {path}")
     rows, errors = [], []
     with open(path, encoding="utf-8") as f:
         for n, raw in enumerate(f, start=1):
@@ -359,8 +361,8 @@ def plot_class_sizes(before: list[int], after: list[int], path: str | os.PathLik
     fig, ax = plt.subplots(figsize=(6, 4))
     top = max(before + after + [2])
     bins = np.unique(np.logspace(0, np.log10(top + 1), 30).astype(int))
-    ax.hist(before, bins=bins, alpha=0.5, label=f"before filtering ({len(before)} classes)")
-    ax.hist(after, bins=bins, alpha=0.5, label=f"after ({len(after)} classes)")
+    ax.hist(before, bins=bins, alpha=0.5, label=f"before the size rules ({len(before)} classes)")
+    ax.hist(after, bins=bins, alpha=0.5, label=f"after min size and cap ({len(after)} classes)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("class size (rows: docs + query images)")
@@ -386,6 +388,20 @@ def govern(logs: str | os.PathLike, docs: str | os.PathLike, out: str | os.PathL
     return result
 
 
+OPTION_HELP = {
+    "dup_hamming": "max differing bits of the 64-bit image dHash for near-duplicate docs (-1: off)",
+    "min_shared_queries": "distinct query images two docs must share to merge (0: no co-click merging)",
+    "min_query_jaccard": "and the Jaccard of their query sets must reach this",
+    "max_docs_per_query": "queries that clicked more docs than this do not vote for merges",
+    "dominance": "share of a query's clicks its class must hold, else the query is dropped",
+    "min_query_clicks": "queries with fewer clicks in all are dropped",
+    "min_class_size": "classes with fewer rows (docs + queries) are dropped",
+    "max_class_size": "classes are capped at this many rows (docs first, then most-clicked queries)",
+    "weight_power": "class c is sampled with probability proportional to n_c ** power (0.5: square root)",
+    "check_category": "keep pairs whose query category disagrees with the doc's",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="oclear-govern", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -397,9 +413,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
-            parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false", help=f"disable {name}")
+            parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false", help=OPTION_HELP[name])
         else:
-            parser.add_argument(flag, type=type(value), default=value, help=f"default {value}")
+            parser.add_argument(flag, type=type(value), default=value, help=f"{OPTION_HELP[name]} (default {value})")
     args = vars(parser.parse_args(argv))
     logs, docs, out = args.pop("logs"), args.pop("docs"), args.pop("out")
     result = govern(logs, docs, out, GovernConfig(**args))

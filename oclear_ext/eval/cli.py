@@ -10,7 +10,6 @@ Writes OUT/metrics.json, OUT/per_query.jsonl, OUT/grid.png and prints the table.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path

@@ -18,11 +18,8 @@ import numpy as np
 def relevance(ids: np.ndarray, query_labels: Sequence, doc_labels: Sequence) -> np.ndarray:
     """(Nq, K) bool: retrieved doc ids[r, i] has the query's label (-1 ids are never relevant)."""
     doc_labels = np.asarray(doc_labels, dtype=object)
-    rel = np.zeros(ids.shape, dtype=bool)
-    for r, label in enumerate(query_labels):
-        valid = ids[r] >= 0
-        rel[r, valid] = doc_labels[ids[r, valid]] == label
-    return rel
+    query_labels = np.asarray(query_labels, dtype=object)
+    return (ids >= 0) & (doc_labels[np.maximum(ids, 0)] == query_labels[:, None])
 
 
 def relevant_counts(query_labels: Sequence, doc_labels: Sequence, query_keys: Sequence | None = None,

@@ -33,6 +33,14 @@ def _as_float32(x, name: str) -> np.ndarray:
     return x
 
 
+def _object_array(values: Sequence) -> np.ndarray:
+    """1-D object array of arbitrary hashable keys (np.asarray would split tuples into columns)."""
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        out[i] = v
+    return out
+
+
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
@@ -86,14 +94,14 @@ def search(queries, docs, k: int, options: IndexOptions = IndexOptions(),
     kk = min(k + extra, len(d))
     scores, ids = index.search(q, kk)
     if doc_keys is not None and extra:
-        doc_keys_arr = np.asarray(doc_keys, dtype=object)
-        out_s = np.full((len(q), k), -np.inf, dtype=np.float32)
-        out_i = np.full((len(q), k), -1, dtype=np.int64)
-        for r in range(len(q)):
-            keep = [(s, i) for s, i in zip(scores[r], ids[r]) if i >= 0 and doc_keys_arr[i] != query_keys[r]][:k]
-            if keep:
-                out_s[r, : len(keep)], out_i[r, : len(keep)] = zip(*keep)
-        return out_s, out_i
+        # Move self-matches (and empty slots) to the end of each row, keeping the rank order of the rest.
+        dk, qk = _object_array(doc_keys), _object_array(query_keys)
+        drop = (ids < 0) | (dk[np.maximum(ids, 0)] == qk[:, None])
+        order = np.argsort(drop, axis=1, kind="stable")[:, :k]
+        drop = np.take_along_axis(drop, order, axis=1)
+        scores = np.where(drop, -np.inf, np.take_along_axis(scores, order, axis=1)).astype(np.float32)
+        ids = np.where(drop, -1, np.take_along_axis(ids, order, axis=1))
+        kk = ids.shape[1]
     if kk < k:
         scores = np.pad(scores, ((0, 0), (0, k - kk)), constant_values=-np.inf)
         ids = np.pad(ids, ((0, 0), (0, k - kk)), constant_values=-1)
