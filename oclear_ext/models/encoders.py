@@ -16,13 +16,16 @@ class SmallCNN(nn.Module):
     """(B, 3, H, W) images in [0, 1] -> (B, out_features): a small conv net that keeps the spatial layout.
 
     Three conv stages (stride 2) down to a 4 x 4 grid (adaptive pooling, so any input size works), then the
-    flattened grid -> a linear layer. Keeping the grid instead of global pooling keeps where things are,
-    which for icons and product shots carries much of the identity (a plain 8 x 8 pixel grid is already a
-    strong baseline on the emoji data). Inputs are standardised per channel inside (ImageNet statistics).
+    flattened grid -> a linear layer (conv_features). Keeping the grid instead of global pooling keeps where
+    things are, which for icons and product shots carries much of the identity; for the same reason the
+    image pooled to pixel_grid x pixel_grid (centred, scaled to the conv features' norm) is appended
+    (3 * pixel_grid^2 features; 0 turns it off): a plain 8 x 8 pixel grid is already a strong baseline on
+    the emoji data. Inputs are standardised per channel inside (ImageNet statistics).
     """
 
-    def __init__(self, width: int = 32, out_features: int = 256, grid: int = 4) -> None:
+    def __init__(self, width: int = 32, conv_features: int = 256, grid: int = 4, pixel_grid: int = 8) -> None:
         super().__init__()
+        self.pixel_grid = pixel_grid
 
         def block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
             return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out),
@@ -30,8 +33,8 @@ class SmallCNN(nn.Module):
 
         self.features = nn.Sequential(*block(3, width, 1), *block(width, width, 2), *block(width, 2 * width, 2),
                                       *block(2 * width, 4 * width, 2), nn.AdaptiveAvgPool2d(grid))
-        self.project = nn.Linear(4 * width * grid * grid, out_features)
-        self.out_features = out_features
+        self.project = nn.Linear(4 * width * grid * grid, conv_features)
+        self.out_features = conv_features + 3 * pixel_grid * pixel_grid
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
 
@@ -39,7 +42,14 @@ class SmallCNN(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"SmallCNN: images must be (B, 3, H, W), got {tuple(images.shape)}")
         x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
-        return self.project(self.features(x).flatten(1))
+        conv = self.project(self.features(x).flatten(1))
+        if not self.pixel_grid:
+            return conv
+        # The image itself at pixel_grid x pixel_grid, centred and normalised per image (brightness removed),
+        # next to the learned features: layout and colour survive whatever the conv stages have learned yet.
+        pixels = nn.functional.adaptive_avg_pool2d(images, self.pixel_grid).flatten(1)
+        pixels = nn.functional.normalize(pixels - pixels.mean(dim=1, keepdim=True), dim=1)
+        return torch.cat([conv, pixels * conv.detach().norm(dim=1, keepdim=True).clamp_min(1e-6)], dim=1)
 
 
 class HashingTokenizer:

@@ -57,6 +57,9 @@ class OclearModel(nn.Module):
         self.encoder = build_image_encoder(config.image_encoder)
         self.query_head = ProjectionHead(self.encoder.out_features, config.dim)
         self.doc_head = ProjectionHead(self.encoder.out_features, config.dim)
+        # The heads start identical (an untrained model embeds a query and a doc of the same image alike) and
+        # drift apart in training as far as the domain gap between shopper photos and catalogue images needs.
+        self.doc_head.load_state_dict(self.query_head.state_dict())
         self.text_encoder = build_text_encoder(config.text_encoder, config.dim) if config.fusion else None
         self.fusion = (ConceptAwareFusion(config.dim, num_concepts=config.num_concepts, num_heads=config.num_heads)
                        if config.fusion else None)

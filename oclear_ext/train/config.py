@@ -31,6 +31,7 @@ class TrainConfig:
     num_concepts: int = 64
     num_heads: int = 4
     image_size: int = 32
+    text_dropout: float = 0.5               # training: a doc's text is dropped with this probability
     # classifier
     scale: float = 32.0
     margin: tuple[float, float, float] = (1.0, 0.0, 0.3)
@@ -77,6 +78,8 @@ class TrainConfig:
                 raise ValueError(f"config: {name} must be a finite number >= 0, got {value!r}")
         if self.lr <= 0 or (self.classifier_lr is not None and self.classifier_lr <= 0):
             raise ValueError(f"config: lr and classifier_lr must be > 0, got {self.lr}, {self.classifier_lr}")
+        if not 0.0 <= self.text_dropout < 1.0:
+            raise ValueError(f"config: text_dropout must be in [0, 1), got {self.text_dropout}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"config: grad_clip must be > 0 or unset, got {self.grad_clip}")
         if self.dim % self.num_heads:
