@@ -37,13 +37,13 @@ class TrainConfig:
     margin: tuple[float, float, float] = (1.0, 0.0, 0.3)
     negatives: str = "none"                 # none | topk:K | random:RATE
     # optimisation
-    epochs: int = 10
+    epochs: int = 4
     batch_size: int = 128                   # per process
-    optimizer: str = "sgd"
-    lr: float = 0.1
+    optimizer: str = "adamw"                # adamw | sgd (momentum); row-sparse for the classifier when sampling
+    lr: float = 1e-3
     classifier_lr: float | None = None      # default: lr
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    momentum: float = 0.9                   # sgd only
+    weight_decay: float = 0.05
     schedule: str = "cosine"
     warmup_steps: int = 50
     grad_clip: float | None = 5.0           # max global norm of the model's (not the classifier's) gradients
