@@ -87,6 +87,13 @@ __device__ __forceinline__ T to_gemm_operand(A v) {
   }
 }
 
+// Correctly rounded square root and reciprocal whatever --use_fast_math says: an inverse norm one
+// ulp off turns x^ . w^ = 1 into 0.99999994, which acos (hence ArcFace) magnifies to 3e-4 radians.
+__device__ __forceinline__ float sqrt_rn(float v) { return __fsqrt_rn(v); }
+__device__ __forceinline__ double sqrt_rn(double v) { return __dsqrt_rn(v); }
+__device__ __forceinline__ float rcp_rn(float v) { return __frcp_rn(v); }
+__device__ __forceinline__ double rcp_rn(double v) { return __drcp_rn(v); }
+
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
@@ -162,8 +169,8 @@ __global__ void __launch_bounds__(kThreads) normalize_rows_kernel(const scalar_t
       ss += v * v;
     }
     ss = warp_sum(ss);
-    const acc_t norm = sqrt_(ss);
-    const acc_t r_inv = acc_t(1) / (norm > acc_t(kNormEps) ? norm : acc_t(kNormEps));
+    const acc_t norm = sqrt_rn(ss);
+    const acc_t r_inv = rcp_rn(norm > acc_t(kNormEps) ? norm : acc_t(kNormEps));
     if (lane == 0) inv[r] = r_inv;
     if (x_hat != nullptr) {
       scalar_t* out = x_hat + r * cols;
