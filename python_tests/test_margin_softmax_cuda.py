@@ -244,7 +244,7 @@ def test_poisoned_buffers_are_fully_overwritten(monkeypatch, dtype):
     poisoned = run(oclear_ext.margin_softmax_loss, x, w, labels, DEVICE, margin=COMBINED, reduction="none")
     for a, b in zip(poisoned, clean):
         assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b)  # same computation; cuBLAS may pick another algorithm
     # The private ops' own outputs too (lse, target, w_inv; both gradients, each alone).
     args = (0, 61, *MarginSettings(16.0, ARCFACE).op_args())
     xd, wd, ld = x.to(DEVICE), w.to(DEVICE), labels.to(DEVICE)
