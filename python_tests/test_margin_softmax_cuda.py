@@ -3,28 +3,25 @@
 Skipped without CUDA. `OCLEAR_CUDA_TEST_DEVICE=cpu` runs the same test code against the CPU kernels
 (a dry run of the test logic on a machine without GPU: the CUDA-only switches then do nothing).
 
-The CUDA glue reads two debug switches at every call, used here through monkeypatch:
+The CUDA glue reads two debug switches at every call (cuda_cases.class_chunk, monkeypatch):
   OCLEAR_CUDA_CLASS_CHUNK=T   classes per chunk, so tiny problems cross many chunk edges
   OCLEAR_CUDA_POISON=1        every output and scratch buffer starts as NaN (unwritten elements show)
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from cuda_cases import DEVICE, class_chunk, skip_without_device
 from margin_cases import ARCFACE, COMBINED, COSFACE, MARGINS, SPHEREFACE, make_inputs, natural_atols
 
 import oclear_ext
 from oclear_ext import reference
 from oclear_ext._ops.margin_softmax import MarginSettings
 
-DEVICE = torch.device(os.environ.get("OCLEAR_CUDA_TEST_DEVICE", "cuda"))
-pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="CUDA is not available")
+pytestmark = skip_without_device
 
 FORWARD = torch.ops.oclear.margin_softmax_forward.default
 BACKWARD = torch.ops.oclear.margin_softmax_backward.default
@@ -52,24 +49,6 @@ def assert_within_plain_rule(got, plain, want, atols):
         assert torch.isfinite(g).all(), f"{name}: non-finite values"
         err, plain_err = max_error(g, ref), max_error(p, ref)
         assert err <= 2 * plain_err + atol, f"{name}: error {err:.3g} > 2 x plain {plain_err:.3g} + {atol:.3g}"
-
-
-@contextlib.contextmanager
-def class_chunk(t):
-    """Forces t classes per chunk in the CUDA glue inside the block (None: the default chunking)."""
-    key = "OCLEAR_CUDA_CLASS_CHUNK"
-    old = os.environ.get(key)
-    if t is None:
-        os.environ.pop(key, None)
-    else:
-        os.environ[key] = str(t)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
 
 
 def edge_labels(labels, c, t):

@@ -30,89 +30,24 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-#include <torch/version.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
-#include <limits>
 #include <optional>
 #include <tuple>
 
 #include "../cuda/margin_softmax.cuh"
+#include "cuda_glue.h"
 #include "margin_softmax_checks.h"
-
-// aten::mm.dtype (16-bit inputs, float32 output) exists from torch 2.8 on.
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
-#define OCLEAR_HAS_MM_OUT_DTYPE 1
-#else
-#define OCLEAR_HAS_MM_OUT_DTYPE 0
-#endif
 
 namespace oclear {
 namespace {
 
+using namespace cuda_glue;
+
 constexpr const char* kOp = "oclear_ext.margin_softmax_loss: ";
 
-cuda::Dtype to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cuda::Dtype::kFloat32;
-    case at::kDouble: return cuda::Dtype::kFloat64;
-    case at::kBFloat16: return cuda::Dtype::kBFloat16;
-    case at::kHalf: return cuda::Dtype::kFloat16;
-    default: break;
-  }
-  TORCH_CHECK_TYPE(false, kOp, "unsupported dtype ", t, " on CUDA");
-}
-
-// Launch result: false means the launcher has no kernel for these dtypes (a bug in this file).
-void check_launch(bool dispatched, const char* what) {
-  TORCH_INTERNAL_ASSERT(dispatched, kOp, what, ": no CUDA kernel for this dtype combination");
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-bool env_flag(const char* name, bool fallback) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0') return fallback;
-  return std::strcmp(v, "0") != 0;
-}
-
-// A new buffer: uninitialised, or NaN-filled under OCLEAR_CUDA_POISON=1.
-at::Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  if (env_flag("OCLEAR_CUDA_POISON", false)) {
-    return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), opts);
-  }
-  return at::empty(sizes, opts);
-}
-
-// Classes per chunk. 4 Mi elements of float32 scores (16 MiB) per chunk: small enough to stay in
-// an A100 / H100 L2 cache (40 / 50 MiB) between the GEMM that writes S and the epilogue that reads
-// it; the T x D float32 buffer E of the backward is held to the same size; large enough (T = 4096
-// at N = 1024) for the chunk GEMMs to fill the GPU.
-int64_t class_chunk(int64_t n, int64_t d, int64_t c_local) {
-  if (const char* v = std::getenv("OCLEAR_CUDA_CLASS_CHUNK")) {
-    const long long forced = std::atoll(v);
-    TORCH_CHECK_VALUE(forced > 0, kOp, "OCLEAR_CUDA_CLASS_CHUNK must be a positive integer, got '", v, "'");
-    return std::min<int64_t>(forced, c_local);
-  }
-  constexpr int64_t kChunkElements = int64_t(4) << 20;
-  int64_t t = std::min(kChunkElements / std::max<int64_t>(n, 1), kChunkElements / std::max<int64_t>(d, 1));
-  t = std::max<int64_t>(t / 256 * 256, 256);
-  return std::min(t, c_local);
-}
-
-// out (float32 or float64) = a @ b, whatever 16-bit dtype a and b have.
-void mm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  if (a.scalar_type() == out.scalar_type()) {
-    at::mm_out(out, a, b);
-    return;
-  }
-#if OCLEAR_HAS_MM_OUT_DTYPE
-  at::mm_out(out, a, b, out.scalar_type());
-#else
-  out.copy_(at::mm(a, b));  // older torch: the product is rounded to 16 bits first
-#endif
-}
+cuda::Dtype to_dtype(at::ScalarType t) { return cuda_glue::to_dtype(t, kOp); }
+void check_launch(bool dispatched, const char* what) { cuda_glue::check_launch(dispatched, kOp, what); }
 
 // Labels must be class ids in [0, num_classes) or ignore_index. The kernels are memory-safe
 // whatever the labels (a label is only ever compared with the chunk's class range, never used as
@@ -138,28 +73,6 @@ void check_labels_on_device(const at::Tensor& labels, int64_t num_classes, int64
   }
 }
 
-struct Normalized {
-  at::Tensor x_hat;  // (N, D) input dtype, contiguous: the GEMM operand
-  at::Tensor x_inv;  // (N,) accumulation dtype
-};
-
-Normalized normalize_rows(const at::Tensor& x, at::ScalarType acc, cudaStream_t stream) {
-  const int64_t n = x.size(0), d = x.size(1);
-  Normalized out{new_buffer({n, d}, x.options()), new_buffer({n}, x.options().dtype(acc))};
-  check_launch(cuda::launch_normalize_rows(x.data_ptr(), to_dtype(x.scalar_type()), n, d, x.stride(0),
-                                           x.stride(1), out.x_hat.data_ptr(), out.x_inv.data_ptr(), stream),
-               "normalize embeddings");
-  return out;
-}
-
-at::Tensor weight_inverse_norms(const at::Tensor& w, at::ScalarType acc, cudaStream_t stream) {
-  at::Tensor inv = new_buffer({w.size(0)}, w.options().dtype(acc));
-  check_launch(cuda::launch_normalize_rows(w.data_ptr(), to_dtype(w.scalar_type()), w.size(0), w.size(1),
-                                           w.stride(0), w.stride(1), nullptr, inv.data_ptr(), stream),
-               "weight inverse norms");
-  return inv;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels_in,
     int64_t class_start, int64_t num_classes, double scale, double m1, double m2, double m3,
@@ -177,13 +90,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   const cuda::Dtype acc_dtype = to_dtype(acc);
   const auto acc_opts = embeddings.options().dtype(acc);
 
-  at::Tensor w_inv = weight_inverse_norms(weight, acc, stream);
+  at::Tensor w_inv = inverse_norms(weight, acc, stream, kOp);
   at::Tensor lse = new_buffer({n}, acc_opts);
   at::Tensor target = new_buffer({n}, acc_opts);
   if (n == 0) return {lse, target, w_inv};
 
-  const Normalized xn = normalize_rows(embeddings, acc, stream);
-  const int64_t chunk = class_chunk(n, d, c_local);
+  const Normalized xn = normalize_rows(embeddings, acc, stream, kOp);
+  const int64_t chunk = class_chunk(n, d, c_local, kOp);
   at::Tensor scores = new_buffer({n * chunk}, acc_opts);
   at::Tensor row_max = new_buffer({n}, acc_opts);
   at::Tensor row_sum = new_buffer({n}, acc_opts);
@@ -242,8 +155,8 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(
   const at::Tensor w_inv = w_inv_in.contiguous();
   const at::Tensor grad_lse = grad_lse_in.contiguous();
   const at::Tensor grad_target = grad_target_in.contiguous();
-  const Normalized xn = normalize_rows(embeddings, acc, stream);
-  const int64_t chunk = class_chunk(n, d, c_local);
+  const Normalized xn = normalize_rows(embeddings, acc, stream, kOp);
+  const int64_t chunk = class_chunk(n, d, c_local, kOp);
   const bool low_precision = embeddings.scalar_type() != acc;
 
   at::Tensor scores = new_buffer({n * chunk}, acc_opts);
