@@ -87,12 +87,24 @@ __device__ __forceinline__ T to_gemm_operand(A v) {
   }
 }
 
-// Correctly rounded square root and reciprocal whatever --use_fast_math says: an inverse norm one
-// ulp off turns x^ . w^ = 1 into 0.99999994, which acos (hence ArcFace) magnifies to 3e-4 radians.
-__device__ __forceinline__ float sqrt_rn(float v) { return __fsqrt_rn(v); }
-__device__ __forceinline__ double sqrt_rn(double v) { return __dsqrt_rn(v); }
-__device__ __forceinline__ float rcp_rn(float v) { return __frcp_rn(v); }
-__device__ __forceinline__ double rcp_rn(double v) { return __drcp_rn(v); }
+// 1 / max(sqrt(ss), eps) as the CPU computes it (a correctly rounded sqrt, then a correctly rounded
+// reciprocal), whatever --use_fast_math does to sqrtf and '/': an inverse norm one ulp off turns
+// x^ . w^ = 1 into 0.99999994, which acos (hence ArcFace) magnifies to 3e-4 radians. Each fast
+// approximation gets one Newton step with an exact FMA residual (Markstein), which rounds correctly
+// in practice; the IEEE intrinsics (__fsqrt_rn, __frcp_rn) would too, but their slow-path calls make
+// ptxas spill registers.
+__device__ __forceinline__ float inverse_norm(float ss) {
+  float norm = sqrtf(ss);
+  if (norm > 0.0f && norm < 3.0e38f) norm = fmaf(fmaf(-norm, norm, ss), 0.5f / norm, norm);
+  const float eps = static_cast<float>(kNormEps);
+  norm = norm > eps ? norm : eps;
+  const float r = 1.0f / norm;
+  return norm < 3.0e38f ? fmaf(r, fmaf(-norm, r, 1.0f), r) : r;
+}
+__device__ __forceinline__ double inverse_norm(double ss) {
+  const double norm = sqrt(ss);
+  return 1.0 / (norm > kNormEps ? norm : kNormEps);
+}
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -164,16 +176,17 @@ __global__ void __launch_bounds__(kThreads) normalize_rows_kernel(const scalar_t
        r += int64_t(gridDim.x) * kWarpsPerBlock) {
     const scalar_t* row = x + r * s0;
     acc_t ss = 0;
+#pragma unroll 4
     for (int64_t k = lane; k < cols; k += kWarp) {
       const acc_t v = to_acc(row[k * s1]);
       ss += v * v;
     }
     ss = warp_sum(ss);
-    const acc_t norm = sqrt_rn(ss);
-    const acc_t r_inv = rcp_rn(norm > acc_t(kNormEps) ? norm : acc_t(kNormEps));
+    const acc_t r_inv = inverse_norm(ss);
     if (lane == 0) inv[r] = r_inv;
     if (x_hat != nullptr) {
       scalar_t* out = x_hat + r * cols;
+#pragma unroll 4
       for (int64_t k = lane; k < cols; k += kWarp) out[k] = from_acc<scalar_t>(to_acc(row[k * s1]) * r_inv);
     }
   }
