@@ -66,7 +66,24 @@ def other_fused_losses() -> dict:
     return found
 
 
-def make_variants(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> tuple[dict, callable]:
+def with_class_chunk(fn, t: int):
+    """fn run with the CUDA glue forced to t classes per chunk (OCLEAR_CUDA_CLASS_CHUNK)."""
+
+    def call():
+        old = os.environ.get("OCLEAR_CUDA_CLASS_CHUNK")
+        os.environ["OCLEAR_CUDA_CLASS_CHUNK"] = str(t)
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["OCLEAR_CUDA_CLASS_CHUNK"]
+            else:
+                os.environ["OCLEAR_CUDA_CLASS_CHUNK"] = old
+
+    return call
+
+
+def make_variants(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, chunks: list[int] = ()) -> tuple[dict, callable]:
     """(name -> a callable running forward+backward once and returning the loss, a gradient-clearing callable)."""
     x_hat = F.normalize(x.float(), dim=1).to(x.dtype)
     w_hat = F.normalize(w.float(), dim=1).to(w.dtype)
@@ -112,6 +129,8 @@ def make_variants(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> tup
             variants["lce_chunked_auto"] = run(lambda a, b: F.linear_cross_entropy(a, b, labels, options=auto), xhl, whl)
             variants["lce_chunked_64"] = run(lambda a, b: F.linear_cross_entropy(a, b, labels, options=by64), xhl, whl)
     if x.is_cuda:
+        for t in chunks:  # the CUDA glue's classes-per-chunk, swept to tune its default
+            variants[f"fused_chunk{t}"] = with_class_chunk(variants["fused"], t)
         for name, loss_fn in other_fused_losses().items():
             variants[name] = run(lambda a, b, f=loss_fn: f(a, b, labels), xhl, whl)
     return variants, clear_grads
@@ -164,14 +183,14 @@ def predicted_seconds(previous: dict | None, name: str, c: int) -> float | None:
 
 
 def bench_size(n: int, d: int, c: int, device: torch.device, dtype: torch.dtype, repeats: int,
-               previous: dict | None, budget_s: float) -> dict:
+               previous: dict | None, budget_s: float, chunks: list[int] = ()) -> dict:
     # Inputs drawn on the device itself on CUDA (a CPU draw of 4M x 512 takes longer than the benchmark).
     gen_device = device if device.type == "cuda" else torch.device("cpu")
     g = torch.Generator(device=gen_device).manual_seed(c)
     x = torch.randn(n, d, generator=g, device=gen_device).to(device, dtype)
     w = (0.01 * torch.randn(c, d, generator=g, device=gen_device)).to(device, dtype)
     labels = torch.randint(0, c, (n,), generator=g, device=gen_device).to(device)
-    variants, clear_grads = make_variants(x, w, labels)
+    variants, clear_grads = make_variants(x, w, labels, chunks)
     skipped = {}
     # Optional baselines predicted to take longer than the budget per call are skipped, and say so
     # (torch's automatic chunking grows quadratically in C here: 18 s per call at C = 262,144).
@@ -271,6 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget", type=float, default=30.0,
                         help="skip a variant whose time per call, extrapolated from the previous size, exceeds this (s)")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
+    parser.add_argument("--chunks", type=int, nargs="*", default=[],
+                        help="CUDA only: also time the fused op at these classes-per-chunk (OCLEAR_CUDA_CLASS_CHUNK)")
     parser.add_argument("--out", default=common.RESULTS_DIR, help="folder for the JSON and PNG (default %(default)s)")
     args = parser.parse_args(argv)
 
@@ -292,7 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{env['threads']} threads, torch {env['torch']}, git {env['git']['commit'][:10]}", flush=True)
     rows: list[dict] = []
     for c in sizes:
-        rows.append(bench_size(args.n, args.d, c, device, dtype, args.repeats, rows[-1] if rows else None, args.budget))
+        rows.append(bench_size(args.n, args.d, c, device, dtype, args.repeats, rows[-1] if rows else None, args.budget,
+                               args.chunks if device.type == "cuda" else []))
     exponents = fitted_exponents(rows)
     if exponents:
         print("fitted exponent of time in C: " + ", ".join(f"{k} {v:.2f}" for k, v in exponents.items()))

@@ -14,7 +14,8 @@
 #             CUDA kernel (benchmarks/cuda_sanitizer_calls.py)                 -> sanitizer_<tool>.log
 #   bench     benchmarks/bench_margin_softmax.py --device cuda (bf16, N=1024, D=512,
 #             C in {65536, 262144, 1048576, 4194304}: fused vs reference vs three bf16 GEMMs vs
-#             linear_cross_entropy / cut-cross-entropy / Liger when present)  -> bench.log, *.json, *.png
+#             linear_cross_entropy / cut-cross-entropy / Liger when present), then a sweep of the
+#             glue's classes-per-chunk at C = 1M     -> bench.log, bench_chunk_sweep.log, *.json, *.png
 # Timing on an H100 (estimate, to be confirmed by the first run): build 2-4 min, test 3-5 min,
 # sanitize 2-4 min, bench 3-6 min; where one call is limited to 10 minutes, run the phases in two
 # or three calls on the same warm machine. $OUT/summary.txt lists each phase's status.
@@ -88,7 +89,10 @@ run_sanitize() {
 }
 
 run_bench() {
-  (cd "$OUT" && "$PY" "$REPO/benchmarks/bench_margin_softmax.py" --device cuda --out "$OUT") > "$OUT/bench.log" 2>&1
+  (cd "$OUT" && "$PY" "$REPO/benchmarks/bench_margin_softmax.py" --device cuda --out "$OUT") > "$OUT/bench.log" 2>&1 || return $?
+  # The classes-per-chunk default of the CUDA glue is an estimate: sweep it at C = 1M.
+  (cd "$OUT" && "$PY" "$REPO/benchmarks/bench_margin_softmax.py" --device cuda --out "$OUT" --sizes 1048576 \
+     --chunks 2048 4096 8192 16384 32768 65536 --tag _chunk_sweep) > "$OUT/bench_chunk_sweep.log" 2>&1
 }
 
 for phase in "${PHASES[@]}"; do

@@ -56,17 +56,20 @@ inline at::Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& opt
   return at::empty(sizes, opts);
 }
 
-// Classes per chunk. 4 Mi elements of float32 scores (16 MiB) per chunk: small enough to stay in
-// an A100 / H100 L2 cache (40 / 50 MiB) between the GEMM that writes S and the kernel that reads
-// it; a T x D float32 buffer is held to the same size; large enough (T = 4096 at N = 1024) for the
-// chunk GEMMs to fill the GPU. OCLEAR_CUDA_CLASS_CHUNK=T forces T (tests cross chunk edges with it).
+// Classes per chunk: 8 Mi float32 scores (32 MiB; T = 8192 at N = 1024). Two pulls: the scores
+// should stay in L2 (40 / 50 MiB on A100 / H100) between the GEMM that writes them and the kernel
+// that reads them, which asks for small chunks; each chunk costs the host a few ATen calls and
+// launches (about 10-40 us), which at small chunks outlasts the GPU work, which asks for large ones.
+// This default is an estimate, not a measurement (no GPU run yet): benchmarks/gpu_check.sh sweeps
+// OCLEAR_CUDA_CLASS_CHUNK=T (which forces T; the tests also use it to cross chunk edges).
+// A T x D float32 buffer of the backward is held to the same size.
 inline int64_t class_chunk(int64_t n, int64_t d, int64_t c_local, const char* op) {
   if (const char* v = std::getenv("OCLEAR_CUDA_CLASS_CHUNK")) {
     const long long forced = std::atoll(v);
     TORCH_CHECK_VALUE(forced > 0, op, "OCLEAR_CUDA_CLASS_CHUNK must be a positive integer, got '", v, "'");
     return std::min<int64_t>(forced, c_local);
   }
-  constexpr int64_t kChunkElements = int64_t(4) << 20;
+  constexpr int64_t kChunkElements = int64_t(8) << 20;
   int64_t t = std::min(kChunkElements / std::max<int64_t>(n, 1), kChunkElements / std::max<int64_t>(d, 1));
   t = std::max<int64_t>(t / 256 * 256, 256);
   return std::min(t, c_local);
