@@ -205,6 +205,7 @@ __global__ void __launch_bounds__(kThreads) forward_epilogue_kernel(
     const acc_t* row = s + i * t;
     const int64_t tc = target_column(labels[i], ignore_index, class0, t);
     SoftmaxState<acc_t> state = SoftmaxState<acc_t>::empty();
+#pragma unroll 4
     for (int64_t c = threadIdx.x; c < t; c += blockDim.x) {
       const acc_t cs = clamp_unit(row[c] * w_inv[c]);
       acc_t z;
@@ -249,6 +250,7 @@ __global__ void __launch_bounds__(kThreads) backward_epilogue_kernel(
     }
     const acc_t row_lse = lse[i];
     const acc_t g_scale = g * scale;
+#pragma unroll 4
     for (int64_t c = threadIdx.x; c < t; c += blockDim.x) {
       const acc_t wi = w_inv[c];
       const acc_t cs = clamp_unit(row[c] * wi);
