@@ -97,13 +97,13 @@ __device__ __forceinline__ float inverse_norm(float ss) {
   float norm = sqrtf(ss);
   if (norm > 0.0f && norm < 3.0e38f) norm = fmaf(fmaf(-norm, norm, ss), 0.5f / norm, norm);
   const float eps = static_cast<float>(kNormEps);
-  norm = norm > eps ? norm : eps;
+  norm = norm < eps ? eps : norm;  // a NaN norm stays NaN (as the CPU's std::max keeps it)
   const float r = 1.0f / norm;
   return norm < 3.0e38f ? fmaf(r, fmaf(-norm, r, 1.0f), r) : r;
 }
 __device__ __forceinline__ double inverse_norm(double ss) {
   const double norm = sqrt(ss);
-  return 1.0 / (norm > kNormEps ? norm : kNormEps);
+  return 1.0 / (norm < kNormEps ? kNormEps : norm);
 }
 
 template <typename T>
