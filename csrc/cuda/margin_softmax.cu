@@ -15,6 +15,7 @@
 #include <cuda_fp16.h>
 
 #include <oclear/margin.h>
+#include <oclear/margin_epilogue.h>
 #include <oclear/online_softmax.h>
 
 #include <type_traits>
@@ -207,14 +208,8 @@ __global__ void __launch_bounds__(kThreads) forward_epilogue_kernel(
     SoftmaxState<acc_t> state = SoftmaxState<acc_t>::empty();
 #pragma unroll 4
     for (int64_t c = threadIdx.x; c < t; c += blockDim.x) {
-      const acc_t cs = clamp_unit(row[c] * w_inv[c]);
-      acc_t z;
-      if (c == tc) {  // the target takes the margin, never the filter; in float64 (see top)
-        z = static_cast<acc_t>(margin.scale * target_cos(static_cast<double>(cs), margin));
-        target[i] = z;
-      } else {
-        z = negative_logit(cs, p);
-      }
+      const acc_t z = epilogue_logit(row[c], w_inv[c], c == tc, p, margin);
+      if (c == tc) target[i] = z;
       state.push(z);
     }
     state = block_merge(state, scratch_max, scratch_sum);
@@ -237,7 +232,6 @@ __global__ void __launch_bounds__(kThreads) backward_epilogue_kernel(
   // s and b may alias (float32 / float64): no __restrict__ on them; each element is read, then
   // written, by the same thread.
   const MarginParams<acc_t> p = margin.cast<acc_t>();
-  const acc_t scale = p.scale;
   for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
     const acc_t* row = s + i * t;
     out_t* out = b + i * t;
@@ -249,21 +243,9 @@ __global__ void __launch_bounds__(kThreads) backward_epilogue_kernel(
       continue;
     }
     const acc_t row_lse = lse[i];
-    const acc_t g_scale = g * scale;
 #pragma unroll 4
     for (int64_t c = threadIdx.x; c < t; c += blockDim.x) {
-      const acc_t wi = w_inv[c];
-      const acc_t cs = clamp_unit(row[c] * wi);
-      acc_t v;
-      if (c == tc) {  // float64 (see top)
-        const double cd = static_cast<double>(cs);
-        const double z = margin.scale * target_cos(cd, margin);
-        const double dz = static_cast<double>(g) * exp_(z - static_cast<double>(row_lse)) + static_cast<double>(g_target);
-        v = static_cast<acc_t>(dz * margin.scale * target_cos_grad(cd, margin) * static_cast<double>(wi));
-      } else {
-        v = (p.has_filter && cs > p.filter) ? acc_t(0) : g_scale * exp_(scale * cs - row_lse) * wi;
-      }
-      out[c] = to_gemm_operand<out_t>(v);
+      out[c] = to_gemm_operand<out_t>(epilogue_grad(row[c], w_inv[c], c == tc, g, g_target, row_lse, p, margin));
     }
   }
 }
