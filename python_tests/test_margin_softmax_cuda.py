@@ -247,6 +247,35 @@ def test_label_out_of_range_raises(bad, index):
         oclear_ext.margin_softmax_loss(x.to(DEVICE), w.to(DEVICE), labels.to(DEVICE))
 
 
+def test_label_check_switched_off_is_memory_safe(monkeypatch):
+    # OCLEAR_CUDA_LABEL_CHECK=0 skips the check (and its host sync); a bad label then matches no class,
+    # so the row's loss is its log-sum-exp with no target, and nothing is read out of bounds.
+    if DEVICE.type != "cuda":
+        pytest.skip("the switch only exists on CUDA")
+    x, w, _ = make_inputs(4, 50, 8, seed=6)
+    labels = torch.tensor([0, 3, 10**9, -100], device=DEVICE)
+    monkeypatch.setenv("OCLEAR_CUDA_LABEL_CHECK", "0")
+    args = (0, 50, *MarginSettings(16.0, COSFACE).op_args())
+    lse, target, _ = FORWARD(x.to(DEVICE), w.to(DEVICE), labels, *args)
+    assert torch.isfinite(lse).all() and target[2].item() == 0.0 and target[0].item() != 0.0
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_float32_honours_allow_tf32(allow_tf32):
+    # The chunk GEMMs go through ATen, which uses TF32 exactly when the user allows it; either way the
+    # result is within the 2x-plain rule of plain PyTorch under the same setting.
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        x, w, labels = make_inputs(64, 3000, 96, seed=12, ignore_fraction=0.05)
+        want = run(reference.margin_softmax_loss, x, w, labels, "cpu", margin=ARCFACE)
+        plain = run(reference.margin_softmax_loss, x.float(), w.float(), labels, DEVICE, margin=ARCFACE)
+        got = run(oclear_ext.margin_softmax_loss, x.float(), w.float(), labels, DEVICE, margin=ARCFACE)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert_within_plain_rule(got, plain, want, tuple(1e-4 * r.abs().max().item() for r in want))
+
+
 def test_mixed_devices_raise():
     if DEVICE.type != "cuda":
         pytest.skip("needs two devices")
