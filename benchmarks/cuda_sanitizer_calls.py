@@ -6,7 +6,8 @@ Covers, for float32 / float64 / bfloat16 / float16: row normalisation (contiguou
 inputs), the forward epilogue over several chunks (a forced small chunk, so chunk edges, a label
 per edge, ignored rows and a row-block of a class shard occur), the backward epilogue, the dW and dx
 projections (each gradient alone and both), the device label check (a bad label, whose error is
-expected), N = 1, and an empty batch. Every result is checked for NaN / inf, so a run that the
+expected), N = 1, and an empty batch; then hardest_classes (its chunked merge in the glue) for
+each dtype with and without excluded classes. Every result is checked for NaN / inf, so a run that the
 sanitizer passes also computed something finite. Exit status 0 when every call behaved.
 """
 
@@ -82,6 +83,25 @@ def margin_softmax_calls(device: torch.device) -> int:
     return calls + 1
 
 
+def class_topk_calls(device: torch.device) -> int:
+    """hardest_classes on CUDA: the normalisation kernel plus the glue's chunked ATen merge."""
+    calls = 0
+    g = torch.Generator(device="cpu").manual_seed(1)
+    os.environ["OCLEAR_CUDA_CLASS_CHUNK"] = "13"
+    try:
+        for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            x = torch.randn(7, 12, generator=g).to(device, dtype)
+            w = torch.randn(12, 90, generator=g).to(device, dtype).t()  # strided rows
+            for k, exclude in ((0, []), (5, [0, 12, 13, 89]), (86, [1, 2, 3, 4])):
+                scores, ids = oclear_ext.hardest_classes(x, w, k, exclude=torch.tensor(exclude, dtype=torch.long, device=device))
+                assert ids.shape == (k,) and not set(ids.tolist()) & set(exclude)
+                check_finite("class_topk", scores)
+                calls += 1
+    finally:
+        del os.environ["OCLEAR_CUDA_CLASS_CHUNK"]
+    return calls
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("cuda_sanitizer_calls: CUDA is not available", file=sys.stderr)
@@ -91,8 +111,9 @@ def main() -> int:
         return 2
     device = torch.device("cuda")
     calls = margin_softmax_calls(device)
+    topk_calls = class_topk_calls(device)
     torch.cuda.synchronize()
-    print(f"cuda_sanitizer_calls: {calls} calls of the margin-softmax CUDA kernels completed")
+    print(f"cuda_sanitizer_calls: {calls} margin-softmax and {topk_calls} hardest-classes calls completed")
     return 0
 
 
