@@ -8,18 +8,23 @@ Variants, in one process on the same inputs (N x D embeddings, C x D class weigh
   lce                torch.nn.functional.linear_cross_entropy on the same pre-normalised inputs, no chunking
   lce_chunked_auto   the same with LinearCrossEntropyOptions() (torch's automatic batch chunking)
   lce_chunked_64     the same with batch chunks of 64 rows
+  cce, liger         on CUDA, other fused linear cross-entropies when installed (cut-cross-entropy's
+                     linear_cross_entropy, Liger's LigerFusedLinearCrossEntropyLoss), same margin-free setting
 The margin-free rows compute the same loss as linear_cross_entropy (checked at run time).
 
     python benchmarks/bench_margin_softmax.py              # C in {16,384; 65,536; 262,144}
     python benchmarks/bench_margin_softmax.py --large      # adds C = 1,048,576
-    python benchmarks/bench_margin_softmax.py --device cuda --dtype bfloat16
+    python benchmarks/bench_margin_softmax.py --device cuda   # bfloat16, N=1024, D=512, C up to 4,194,304
 
-Writes benchmarks/results/margin_softmax_<device>_<dtype>.json and .png.
+On CUDA a variant that runs out of memory at some C is recorded as skipped there (the materialised
+reference does at the largest sizes), not fatal.
+Writes <out>/margin_softmax_<device>_<dtype>.json and .png (--out, default benchmarks/results).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import sys
@@ -35,11 +40,52 @@ from oclear_ext import reference  # noqa: E402
 
 DEFAULT_SIZES = (16_384, 65_536, 262_144)
 LARGE_SIZE = 1_048_576
+# CUDA defaults: the issue's target shape (N=1024, D=512) from 64K to 4M classes.
+CUDA_SIZES = (65_536, 262_144, 1_048_576, 4_194_304)
+CUDA_N = 1024
 COSFACE = dict(scale=64.0, margin=(1.0, 0.0, 0.4))
+# Relative tolerance of the loss agreement check: 16-bit baselines return a 16-bit loss (2 ulp).
+LOSS_RTOL = {torch.bfloat16: 2 * 2.0**-7, torch.float16: 2 * 2.0**-10}  # 2 ulp at 1
 MARGIN_FREE = dict(scale=1.0, margin=(1.0, 0.0, 0.0))
 
 
-def make_variants(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> tuple[dict, callable]:
+def other_fused_losses() -> dict:
+    """Installed third-party fused linear cross-entropies (CUDA only): name -> loss(x, w, labels)."""
+    found = {}
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+    except ImportError:
+        pass
+    else:
+        found["cce"] = lambda a, b, y: cce(a, b, y)
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        pass
+    else:
+        liger = LigerFusedLinearCrossEntropyLoss()
+        found["liger"] = lambda a, b, y: liger(b, a, y)
+    return found
+
+
+def with_class_chunk(fn, t: int):
+    """fn run with the CUDA glue forced to t classes per chunk (OCLEAR_CUDA_CLASS_CHUNK)."""
+
+    def call():
+        old = os.environ.get("OCLEAR_CUDA_CLASS_CHUNK")
+        os.environ["OCLEAR_CUDA_CLASS_CHUNK"] = str(t)
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["OCLEAR_CUDA_CLASS_CHUNK"]
+            else:
+                os.environ["OCLEAR_CUDA_CLASS_CHUNK"] = old
+
+    return call
+
+
+def make_variants(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, chunks: list[int] = ()) -> tuple[dict, callable]:
     """(name -> a callable running forward+backward once and returning the loss, a gradient-clearing callable)."""
     x_hat = F.normalize(x.float(), dim=1).to(x.dtype)
     w_hat = F.normalize(w.float(), dim=1).to(w.dtype)
@@ -84,18 +130,53 @@ def make_variants(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> tup
             auto, by64 = opts(), opts(batch_chunk_size=64, chunking_method=None)
             variants["lce_chunked_auto"] = run(lambda a, b: F.linear_cross_entropy(a, b, labels, options=auto), xhl, whl)
             variants["lce_chunked_64"] = run(lambda a, b: F.linear_cross_entropy(a, b, labels, options=by64), xhl, whl)
+    if x.is_cuda:
+        for t in chunks:  # the CUDA glue's classes-per-chunk, swept to tune its default
+            variants[f"fused_chunk{t}"] = with_class_chunk(variants["fused"], t)
+        for name, loss_fn in other_fused_losses().items():
+            variants[name] = run(lambda a, b, f=loss_fn: f(a, b, labels), xhl, whl)
     return variants, clear_grads
 
 
-def check_agreement(variants: dict) -> dict:
-    """The fused op must compute what its baselines compute before their times are compared."""
-    fused, ref = variants["fused"]().float(), variants["reference"]().float()
-    torch.testing.assert_close(fused, ref, rtol=1e-3, atol=1e-3)
-    out = {"fused_vs_reference_abs_diff": (fused - ref).abs().item()}
-    if "lce" in variants:
-        free, lce = variants["fused_marginfree"]().float(), variants["lce"]().float()
-        torch.testing.assert_close(free, lce, rtol=1e-3, atol=1e-3)
-        out["fused_marginfree_vs_lce_abs_diff"] = (free - lce).abs().item()
+def drop_out_of_memory(variants: dict, clear_grads, device: torch.device) -> dict:
+    """Runs each variant once on CUDA; the ones that run out of memory are removed (name -> reason)."""
+    skipped = {}
+    if device.type != "cuda":
+        return skipped
+    for name in list(variants):
+        try:
+            variants[name]()
+            torch.cuda.synchronize(device)
+        except torch.cuda.OutOfMemoryError:
+            skipped[name] = "out of memory"
+            del variants[name]
+        clear_grads()
+        gc.collect()
+        torch.cuda.empty_cache()
+    return skipped
+
+
+def check_agreement(variants: dict, dtype: torch.dtype) -> dict:
+    """The fused op must compute what its baselines compute before their times are compared.
+
+    A baseline that could not run (out of memory) is checked against nothing; the margin-free baselines
+    are checked against the fused op at the margin-free setting. The tolerance is relative, and for
+    16-bit inputs a few units of the dtype's rounding: plain PyTorch returns a bfloat16 / float16 loss
+    (one bfloat16 ulp at a loss of 16 is 0.125), the fused op a float32 one.
+    """
+    out = {}
+    fused = variants["fused"]().float()
+    tol = dict(rtol=LOSS_RTOL.get(dtype, 1e-3), atol=1e-3)
+    if "reference" in variants:
+        ref = variants["reference"]().float()
+        torch.testing.assert_close(fused, ref, **tol)
+        out["fused_vs_reference_abs_diff"] = (fused - ref).abs().item()
+    free = variants["fused_marginfree"]().float()
+    for name in ("lce", "cce", "liger"):
+        if name in variants:
+            other = variants[name]().float()
+            torch.testing.assert_close(free, other, **tol)
+            out[f"fused_marginfree_vs_{name}_abs_diff"] = (free - other).abs().item()
     return out
 
 
@@ -107,21 +188,27 @@ def predicted_seconds(previous: dict | None, name: str, c: int) -> float | None:
 
 
 def bench_size(n: int, d: int, c: int, device: torch.device, dtype: torch.dtype, repeats: int,
-               previous: dict | None, budget_s: float) -> dict:
-    g = torch.Generator(device="cpu").manual_seed(c)
-    x = torch.randn(n, d, generator=g).to(device, dtype)
-    w = (0.01 * torch.randn(c, d, generator=g)).to(device, dtype)
-    labels = torch.randint(0, c, (n,), generator=g).to(device)
-    variants, clear_grads = make_variants(x, w, labels)
-    row = {"N": n, "D": d, "C": c, "agreement": check_agreement(variants), "variants": {}}
+               previous: dict | None, budget_s: float, chunks: list[int] = ()) -> dict:
+    # Inputs drawn on the device itself on CUDA (a CPU draw of 4M x 512 takes longer than the benchmark).
+    gen_device = device if device.type == "cuda" else torch.device("cpu")
+    g = torch.Generator(device=gen_device).manual_seed(c)
+    x = torch.randn(n, d, generator=g, device=gen_device).to(device, dtype)
+    w = (0.01 * torch.randn(c, d, generator=g, device=gen_device)).to(device, dtype)
+    labels = torch.randint(0, c, (n,), generator=g, device=gen_device).to(device)
+    variants, clear_grads = make_variants(x, w, labels, chunks)
+    skipped = {}
     # Optional baselines predicted to take longer than the budget per call are skipped, and say so
     # (torch's automatic chunking grows quadratically in C here: 18 s per call at C = 262,144).
     for name in [k for k in variants if k.startswith("lce")]:
         predicted = predicted_seconds(previous, name, c)
         if predicted is not None and predicted > budget_s:
-            row["variants"][name] = {"skipped": f"predicted {predicted:.0f} s per call > budget {budget_s:.0f} s"}
-            print(f"  C={c:>9,} {name:<18} skipped: {row['variants'][name]['skipped']}", flush=True)
+            skipped[name] = f"predicted {predicted:.0f} s per call > budget {budget_s:.0f} s"
             del variants[name]
+    skipped.update(drop_out_of_memory(variants, clear_grads, device))
+    row = {"N": n, "D": d, "C": c, "agreement": check_agreement(variants, dtype), "variants": {}}
+    for name, reason in skipped.items():
+        row["variants"][name] = {"skipped": reason}
+        print(f"  C={c:>9,} {name:<18} skipped: {reason}", flush=True)
     timings = common.time_interleaved(variants, device, repeats)
     grads_bytes = (n * d + c * d) * x.element_size()
     for name, fn in variants.items():
@@ -134,7 +221,12 @@ def bench_size(n: int, d: int, c: int, device: torch.device, dtype: torch.dtype,
         print(f"  C={c:>9,} {name:<18} median {timing.median_s * 1e3:9.1f} ms  "
               f"[{timing.min_s * 1e3:.1f}, {timing.max_s * 1e3:.1f}]  extra {extra / 2**20:9.1f} MiB", flush=True)
     t = {k: v["time"].median_s for k, v in row["variants"].items() if "time" in v}
-    ratios = {"fused_over_gemm3": t["fused"] / t["gemm3"], "reference_over_fused": t["reference"] / t["fused"]}
+    ratios = {"fused_over_gemm3": t["fused"] / t["gemm3"]}
+    if "reference" in t:
+        ratios["reference_over_fused"] = t["reference"] / t["fused"]
+    for name in ("cce", "liger"):
+        if name in t:
+            ratios[f"{name}_over_fused_marginfree"] = t[name] / t["fused_marginfree"]
     lce_names = [k for k in t if k.startswith("lce")]
     if lce_names:
         best = min(lce_names, key=t.get)
@@ -150,7 +242,7 @@ def fitted_exponents(rows: list[dict]) -> dict:
     if len(rows) < 2:
         return {}
     out = {}
-    for name in rows[0]["variants"]:
+    for name in dict.fromkeys(k for r in rows for k in r["variants"]):
         timed = [r for r in rows if "time" in r["variants"].get(name, {})]
         if len(timed) < 2:
             continue
@@ -168,8 +260,10 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name in rows[0]["variants"]:
+    for name in dict.fromkeys(k for r in rows for k in r["variants"]):
         timed = [r for r in rows if "time" in r["variants"].get(name, {})]
+        if not timed:
+            continue
         cs = [r["C"] for r in timed]
         ax_t.plot(cs, [r["variants"][name]["time"].median_s for r in timed], marker="o", label=name)
         mem = [max(r["variants"][name]["peak_extra_bytes"], 1) / 2**20 for r in timed]
@@ -192,20 +286,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="default: float32 on CPU, bfloat16 on CUDA")
-    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--n", type=int, default=None, help=f"batch rows (default 256 on CPU, {CUDA_N} on CUDA)")
     parser.add_argument("--d", type=int, default=512)
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), help="class counts C")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None,
+                        help=f"class counts C (default {DEFAULT_SIZES} on CPU, {CUDA_SIZES} on CUDA)")
     parser.add_argument("--large", action="store_true", help=f"also C = {LARGE_SIZE:,}")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget", type=float, default=30.0,
                         help="skip a variant whose time per call, extrapolated from the previous size, exceeds this (s)")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
+    parser.add_argument("--chunks", type=int, nargs="*", default=[],
+                        help="CUDA only: also time the fused op at these classes-per-chunk (OCLEAR_CUDA_CLASS_CHUNK)")
+    parser.add_argument("--out", default=common.RESULTS_DIR, help="folder for the JSON and PNG (default %(default)s)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if args.n is None:
+        args.n = CUDA_N if device.type == "cuda" else 256
+    if args.sizes is None:
+        args.sizes = list(CUDA_SIZES if device.type == "cuda" else DEFAULT_SIZES)
     sizes = sorted(set(args.sizes + ([LARGE_SIZE] if args.large else [])))
     for c in sizes:
         if c < 1:
@@ -216,7 +318,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{env['threads']} threads, torch {env['torch']}, git {env['git']['commit'][:10]}", flush=True)
     rows: list[dict] = []
     for c in sizes:
-        rows.append(bench_size(args.n, args.d, c, device, dtype, args.repeats, rows[-1] if rows else None, args.budget))
+        rows.append(bench_size(args.n, args.d, c, device, dtype, args.repeats, rows[-1] if rows else None, args.budget,
+                               args.chunks if device.type == "cuda" else []))
     exponents = fitted_exponents(rows)
     if exponents:
         print("fitted exponent of time in C: " + ", ".join(f"{k} {v:.2f}" for k, v in exponents.items()))
@@ -224,8 +327,8 @@ def main(argv: list[str] | None = None) -> dict:
     stem = f"margin_softmax_{device.type}_{str(dtype).removeprefix('torch.')}{args.tag}"
     payload = {"benchmark": "margin_softmax", "environment": env, "dtype": str(dtype), "repeats": args.repeats,
                "rows": rows, "time_exponent_in_C": exponents}
-    json_path = common.write_json(stem + ".json", payload)
-    png_path = os.path.join(common.RESULTS_DIR, stem + ".png")
+    json_path = common.write_json(stem + ".json", payload, results_dir=args.out)
+    png_path = os.path.join(args.out, stem + ".png")
     plot(rows, png_path, f"margin softmax fwd+bwd, N={args.n}, D={args.d}, {dtype}, {env.get('gpu', env.get('cpu'))}")
     print(f"wrote {json_path}\nwrote {png_path}")
     return payload

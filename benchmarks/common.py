@@ -161,9 +161,9 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def write_json(name: str, payload: dict) -> str:
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    path = os.path.join(RESULTS_DIR, name)
+def write_json(name: str, payload: dict, results_dir: str = RESULTS_DIR) -> str:
+    os.makedirs(results_dir, exist_ok=True)
+    path = os.path.join(results_dir, name)
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
     return path

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "../cpu/class_topk.h"
+#include "class_topk_checks.h"
 
 namespace oclear {
 namespace {
@@ -16,6 +17,8 @@ void check_float_matrix(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, kOp, name,
                    " must be float32, float64, bfloat16 or float16, got ", dt);
 }
+
+}  // namespace
 
 void check_class_topk(const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& exclude,
                       int64_t k) {
@@ -49,6 +52,8 @@ void check_class_topk(const at::Tensor& embeddings, const at::Tensor& weight, co
   TORCH_CHECK_VALUE(k >= 0 && k <= c - exclude.numel(), kOp, "k must be in [0, ", c - exclude.numel(),
                     "] (", c, " classes, ", exclude.numel(), " excluded), got ", k);
 }
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor> class_topk_cpu(const at::Tensor& embeddings, const at::Tensor& weight,
                                                   const at::Tensor& exclude, int64_t k) {

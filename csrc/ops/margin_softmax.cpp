@@ -15,6 +15,7 @@
 #include <oclear/margin.h>
 
 #include "../cpu/margin_softmax.h"
+#include "margin_softmax_checks.h"
 
 namespace oclear {
 namespace {
@@ -27,6 +28,8 @@ void check_float_matrix(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
                    kOp, name, " must be float32, float64, bfloat16 or float16, got ", dt);
 }
+
+}  // namespace
 
 // Everything both ops check: shapes, dtypes, devices, the class block, labels and margins.
 cpu::MarginSoftmaxArgs check_problem(const at::Tensor& embeddings, const at::Tensor& weight,
@@ -83,6 +86,8 @@ void check_row_vector(const at::Tensor& t, int64_t n, at::ScalarType acc, const 
   TORCH_CHECK_TYPE(t.scalar_type() == acc, "margin_softmax_backward: ", name, " must be ", acc,
                    ", got ", t.scalar_type());
 }
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,

@@ -568,9 +568,12 @@ void test_softmax_state() {
     // Also element by element, as a streaming kernel would.
     S streamed = S::empty();
     for (T v : z) streamed.merge(v, T(1));
+    S pushed = S::empty();  // push(z): the one-exp streaming update of the CUDA epilogues
+    for (T v : z) pushed.push(v);
 
     for (double got : {static_cast<double>(merged.log_sum_exp()),
-                       static_cast<double>(streamed.log_sum_exp())}) {
+                       static_cast<double>(streamed.log_sum_exp()),
+                       static_cast<double>(pushed.log_sum_exp())}) {
       const double err = std::fabs(got - ref) / std::max(1.0, std::fabs(ref));
       if (!(err <= worst)) {
         worst = err;

@@ -42,11 +42,12 @@ OCLEAR_HD float sqrt_(float x) { return sqrtf(x); }
 OCLEAR_HD double sqrt_(double x) { return sqrt(x); }
 
 // Clamp to [-1, 1]; a NaN stays NaN. On the host std::min / std::max, which GCC vectorises in the
-// CPU epilogue loops (fminf / fmaxf, with their NaN rules, block that).
+// CPU epilogue loops (fminf / fmaxf, with their NaN rules, block that). On the device two selects
+// (fmin / fmax would turn a NaN into -1 or 1 and hide it).
 template <typename T>
 OCLEAR_HD T clamp_unit(T c) {
 #if defined(__CUDA_ARCH__)
-  return fmin(fmax(c, T(-1)), T(1));
+  return c < T(-1) ? T(-1) : (c > T(1) ? T(1) : c);
 #else
   return std::min(std::max(c, T(-1)), T(1));
 #endif

@@ -38,6 +38,18 @@ struct SoftmaxState {
 
   OCLEAR_HD void merge(const SoftmaxState& other) { merge(other.max, other.sum); }
 
+  // Adds one logit z: one exp per element (of the smaller minus the larger), for kernels that
+  // stream a row element by element (CUDA epilogues). Same as merge(z, 1) without the second exp;
+  // a NaN z makes the sum NaN, as it should.
+  OCLEAR_HD void push(T z) {
+    if (z > max) {
+      sum = sum * exp_(max - z) + T(1);  // exp(-inf) = 0 for the empty state
+      max = z;
+    } else {
+      sum += exp_(z - max);
+    }
+  }
+
   // log sum_c exp(z_c); -inf for an empty state.
   OCLEAR_HD T log_sum_exp() const { return max + log_(sum); }
 };

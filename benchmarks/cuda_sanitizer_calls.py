@@ -1,0 +1,121 @@
+"""Small calls of every oclear_ext CUDA kernel, for compute-sanitizer (run by benchmarks/gpu_check.sh).
+
+    compute-sanitizer --tool memcheck python benchmarks/cuda_sanitizer_calls.py
+
+Covers, for float32 / float64 / bfloat16 / float16: row normalisation (contiguous and strided
+inputs), the forward epilogue over several chunks (a forced small chunk, so chunk edges, a label
+per edge, ignored rows and a row-block of a class shard occur), the backward epilogue, the dW and dx
+projections (each gradient alone and both), the device label check (a bad label, whose error is
+expected), N = 1, and an empty batch; then hardest_classes (its chunked merge in the glue) for
+each dtype with and without excluded classes. Every result is checked for NaN / inf, so a run that the
+sanitizer passes also computed something finite. Exit status 0 when every call behaved.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+import oclear_ext
+from oclear_ext._ops.margin_softmax import MarginSettings
+
+FORWARD = torch.ops.oclear.margin_softmax_forward.default
+BACKWARD = torch.ops.oclear.margin_softmax_backward.default
+
+
+def check_finite(name: str, *tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.numel() and not torch.isfinite(t.float()).all():
+            raise AssertionError(f"{name}: non-finite output")
+
+
+def margin_softmax_calls(device: torch.device) -> int:
+    calls = 0
+    g = torch.Generator(device="cpu").manual_seed(0)
+    os.environ["OCLEAR_CUDA_CLASS_CHUNK"] = "13"  # several chunks on tiny problems
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        for n, c, d, class_start in ((17, 50, 24, 0), (1, 40, 7, 0), (9, 31, 33, 20)):
+            num_classes = class_start + c + 5
+            x = torch.randn(n, d, generator=g).to(device, dtype)
+            w_store = torch.randn(d, c + 3, generator=g).to(device, dtype)
+            w = w_store.t()[1:c + 1]  # strided rows: the kernels read the weight in place
+            labels = torch.randint(class_start, class_start + c, (n,), generator=g)
+            labels[: min(n, 3)] = torch.tensor([class_start, class_start + 12, class_start + 13])[: min(n, 3)]
+            if n > 4:
+                labels[4] = -100
+                labels[3] = num_classes - 1  # outside this block
+            labels = labels.to(device)
+            for settings in (MarginSettings(32.0, (1.0, 0.5, 0.0), "exact", 0.4),
+                             MarginSettings(64.0, (1.0, 0.0, 0.35)),
+                             MarginSettings(16.0, (1.7, 0.1, 0.05), "straight_through")):
+                args = (class_start, num_classes, *settings.op_args())
+                lse, target, w_inv = FORWARD(x, w, labels, *args)
+                check_finite("forward", lse, target, w_inv)
+                gl = torch.rand(n, device=device, dtype=lse.dtype)
+                for need_x, need_w in ((True, True), (True, False), (False, True)):
+                    gx, gw = BACKWARD(gl, -gl, x, w, labels, lse, w_inv, *args, need_x, need_w)
+                    check_finite("backward", gx, gw)
+                    calls += 1
+        # The public loss end to end, default chunking, and an empty batch.
+        del os.environ["OCLEAR_CUDA_CLASS_CHUNK"]
+        x = torch.randn(5, 16, device=device, dtype=dtype, requires_grad=True)
+        w = torch.randn(300, 16, device=device, dtype=dtype, requires_grad=True)
+        loss = oclear_ext.margin_softmax_loss(x, w, torch.tensor([0, 299, 150, -100, 7], device=device))
+        loss.backward()
+        check_finite("loss", loss, x.grad, w.grad)
+        empty = oclear_ext.margin_softmax_loss(x[:0].detach(), w.detach(), torch.zeros(0, dtype=torch.long, device=device),
+                                               reduction="none")
+        assert empty.shape == (0,)
+        os.environ["OCLEAR_CUDA_CLASS_CHUNK"] = "13"
+        calls += 2
+    del os.environ["OCLEAR_CUDA_CLASS_CHUNK"]
+    # The label check kernel with a bad label: the error is expected.
+    x = torch.randn(4, 8, device=device)
+    w = torch.randn(10, 8, device=device)
+    try:
+        oclear_ext.margin_softmax_loss(x, w, torch.tensor([0, 3, 10, -100], device=device))
+    except IndexError as err:
+        assert "labels[2] = 10 is out of range" in str(err), err
+    else:
+        raise AssertionError("an out-of-range label did not raise")
+    return calls + 1
+
+
+def class_topk_calls(device: torch.device) -> int:
+    """hardest_classes on CUDA: the normalisation kernel plus the glue's chunked ATen merge."""
+    calls = 0
+    g = torch.Generator(device="cpu").manual_seed(1)
+    os.environ["OCLEAR_CUDA_CLASS_CHUNK"] = "13"
+    try:
+        for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            x = torch.randn(7, 12, generator=g).to(device, dtype)
+            w = torch.randn(12, 90, generator=g).to(device, dtype).t()  # strided rows
+            for k, exclude in ((0, []), (5, [0, 12, 13, 89]), (86, [1, 2, 3, 4])):
+                scores, ids = oclear_ext.hardest_classes(x, w, k, exclude=torch.tensor(exclude, dtype=torch.long, device=device))
+                assert ids.shape == (k,) and not set(ids.tolist()) & set(exclude)
+                check_finite("class_topk", scores)
+                calls += 1
+    finally:
+        del os.environ["OCLEAR_CUDA_CLASS_CHUNK"]
+    return calls
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("cuda_sanitizer_calls: CUDA is not available", file=sys.stderr)
+        return 2
+    if not oclear_ext.build_info["with_cuda"]:
+        print(f"cuda_sanitizer_calls: oclear_ext was built without CUDA kernels: {oclear_ext.build_info}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    calls = margin_softmax_calls(device)
+    topk_calls = class_topk_calls(device)
+    torch.cuda.synchronize()
+    print(f"cuda_sanitizer_calls: {calls} margin-softmax and {topk_calls} hardest-classes calls completed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Everything a lent GPU machine should check, in one call, from the repository root:
+#
+#   benchmarks/gpu_check.sh                     # all phases: build test sanitize bench
+#   benchmarks/gpu_check.sh build test          # some phases (a warm machine keeps the install)
+#   OUT=/path benchmarks/gpu_check.sh           # where logs and JSON go (default ./gpu_out)
+#
+# Phases (each writes its log under $OUT; a failing phase is reported and the next ones still run):
+#   build     pip install --no-build-isolation --no-deps . against this machine's torch (CUDA kernels
+#             for the visible GPU's architecture)                              -> build.log
+#   test      the whole pytest suite, CUDA tests included, run from $OUT so the installed package is
+#             imported rather than the source tree                             -> tests.log, tests.xml
+#   sanitize  compute-sanitizer memcheck, racecheck, initcheck and synccheck on small calls of every
+#             CUDA kernel (benchmarks/cuda_sanitizer_calls.py)                 -> sanitizer_<tool>.log
+#   bench     benchmarks/bench_margin_softmax.py --device cuda (bf16, N=1024, D=512,
+#             C in {65536, 262144, 1048576, 4194304}: fused vs reference vs three bf16 GEMMs vs
+#             linear_cross_entropy / cut-cross-entropy / Liger when present), then a sweep of the
+#             glue's classes-per-chunk at C = 1M     -> bench.log, bench_chunk_sweep.log, *.json, *.png
+# Timing on an H100 (estimate, to be confirmed by the first run): build 2-4 min, test 3-5 min,
+# sanitize 2-4 min, bench 3-6 min; where one call is limited to 10 minutes, run the phases in two
+# or three calls on the same warm machine. $OUT/summary.txt lists each phase's status.
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-$REPO/gpu_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PHASES=("$@")
+[[ ${#PHASES[@]} -eq 0 ]] && PHASES=(build test sanitize bench)
+PY=${PYTHON:-python}
+SUMMARY="$OUT/summary.txt"
+
+note() { echo "[gpu_check $(date -u +%H:%M:%S)] $*" | tee -a "$SUMMARY"; }
+phase_result() {  # name, exit status, seconds
+  if [[ $2 -eq 0 ]]; then note "$1: OK ($3 s)"; else note "$1: FAILED (exit $2, $3 s; see its log in $OUT)"; FAILED=1; fi
+}
+FAILED=0
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "git: $(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown) $(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo dirty)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || true
+  nvcc --version 2>&1 | tail -n 2 || true
+  "$PY" -c "import torch, sys; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None, 'capability', torch.cuda.get_device_capability() if torch.cuda.is_available() else None)" 2>&1
+  "$PY" -c "import pytest, hypothesis; print('pytest', pytest.__version__, 'hypothesis', hypothesis.__version__)" 2>&1 || echo "pytest/hypothesis missing: the test phase cannot run"
+} > "$OUT/environment.txt"
+note "phases: ${PHASES[*]}; environment in $OUT/environment.txt"
+
+run_build() {
+  (cd "$REPO" && "$PY" -m pip install --no-build-isolation --no-deps -v . ) > "$OUT/build.log" 2>&1 || return $?
+  (cd "$OUT" && "$PY" -c "import oclear_ext, json; print(json.dumps(oclear_ext.build_info)); assert oclear_ext.build_info['with_cuda'], 'built without CUDA kernels'") >> "$OUT/build.log" 2>&1
+}
+
+run_test() {
+  # From $OUT: `import oclear_ext` must find the installed package, not the unbuilt source tree.
+  (cd "$OUT" && "$PY" -m pytest "$REPO/python_tests" -q -rs -p no:cacheprovider --junitxml="$OUT/tests.xml") > "$OUT/tests.log" 2>&1
+}
+
+find_sanitizer() {
+  command -v compute-sanitizer && return 0
+  local top
+  top=$(nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
+  for c in "${CUDA_HOME:-}/bin/compute-sanitizer" "$top/bin/compute-sanitizer" "$top/../compute-sanitizer/compute-sanitizer" \
+           /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
+    [[ -x "$c" ]] && { echo "$c"; return 0; }
+  done
+  return 1
+}
+
+run_sanitize() {
+  local san status=0 tool filter
+  if ! san=$(find_sanitizer); then
+    echo "compute-sanitizer not found (PATH, CUDA_HOME, nvcc's toolkit)" > "$OUT/sanitizer_memcheck.log"
+    return 1
+  fi
+  for tool in memcheck racecheck initcheck synccheck; do
+    filter=()
+    # memcheck sees every kernel (our arguments to cuBLAS included); the other tools only ours.
+    if [[ $tool != memcheck ]] && "$san" --help 2>&1 | grep -q -- "--kernel-name"; then
+      filter=(--kernel-name kns=oclear)
+    fi
+    # No caching allocator: every tensor is its own allocation, so an overrun is an overrun.
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 1200 "$san" --tool "$tool" "${filter[@]}" --error-exitcode 99 \
+      "$PY" "$REPO/benchmarks/cuda_sanitizer_calls.py" > "$OUT/sanitizer_$tool.log" 2>&1
+    local rc=$?
+    echo "$tool: exit $rc ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -n 1))" >> "$OUT/sanitizer_summary.txt"
+    [[ $rc -ne 0 ]] && status=$rc
+  done
+  return $status
+}
+
+run_bench() {
+  (cd "$OUT" && "$PY" "$REPO/benchmarks/bench_margin_softmax.py" --device cuda --out "$OUT") > "$OUT/bench.log" 2>&1 || return $?
+  # The classes-per-chunk default of the CUDA glue is an estimate: sweep it at C = 1M.
+  (cd "$OUT" && "$PY" "$REPO/benchmarks/bench_margin_softmax.py" --device cuda --out "$OUT" --sizes 1048576 \
+     --chunks 2048 4096 8192 16384 32768 65536 --tag _chunk_sweep) > "$OUT/bench_chunk_sweep.log" 2>&1
+}
+
+for phase in "${PHASES[@]}"; do
+  case $phase in
+    build|test|sanitize|bench) ;;
+    *) note "unknown phase '$phase' (expected build, test, sanitize, bench)"; exit 2 ;;
+  esac
+  start=$(date +%s)
+  note "$phase: started"
+  "run_$phase"
+  phase_result "$phase" $? $(( $(date +%s) - start ))
+done
+[[ -f "$OUT/sanitizer_summary.txt" ]] && cat "$OUT/sanitizer_summary.txt" | tee -a "$SUMMARY"
+[[ -f "$OUT/tests.log" ]] && tail -n 3 "$OUT/tests.log" | tee -a "$SUMMARY"
+note "done: $([[ $FAILED -eq 0 ]] && echo 'all phases passed' || echo 'some phases FAILED'); logs and JSON in $OUT"
+exit $FAILED

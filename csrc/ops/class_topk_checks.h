@@ -1,0 +1,14 @@
+// Argument checks of the hardest-class scoring op, defined in class_topk.cpp and shared by the CPU
+// and CUDA registrations (class_topk_cuda.cpp), so both backends reject the same inputs alike.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace oclear {
+
+// Shapes, dtypes, devices and k; `exclude`'s values (ids in range, sorted, unique) are checked here
+// only when it lives on the CPU (the CUDA glue checks them on the device).
+void check_class_topk(const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& exclude,
+                      int64_t k);
+
+}  // namespace oclear
