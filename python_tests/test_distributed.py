@@ -201,9 +201,10 @@ def test_kill_during_save_leaves_a_consistent_checkpoint(tmp_path):
         proc = ctx.Process(target=save_forever, args=(directory, 40, 3), daemon=True)
         proc.start()
         # Wait for the saver's first complete checkpoint (start-up time varies with load), then kill it at
-        # an arbitrary point of its save loop.
-        started = time.monotonic()
-        while load_sharded(directory, range(0, 40), 40)["weight"][0, 0].item() < 1:
+        # an arbitrary point of its save loop. Polls the index alone (replaced atomically): loading the rows
+        # while the saver runs could race with its removal of the previous checkpoint's files.
+        first, started = read_index(directory)["id"], time.monotonic()
+        while read_index(directory)["id"] == first:
             assert proc.is_alive() and time.monotonic() - started < 120, "the saver never completed a checkpoint"
             time.sleep(0.05)
         time.sleep(delay)
