@@ -79,8 +79,10 @@ def test_two_processes_train_and_the_checkpoint_loads_at_world_size_one(manifest
     checkpoint = tmp_path / "two" / "checkpoints" / "step-00000003"
     assert read_index(str(checkpoint / "classifier"))["world_size"] == 2
     resumed = train(tiny(manifest, tmp_path / "one", max_steps=4, negatives="topk:3", resume=str(checkpoint),
-                         optimizer="sgd", lr=0.1, classifier_lr=None, weight_decay=5e-4))
+                         lr=1e-3, classifier_lr=None, weight_decay=0.05))
     assert resumed["step"] == 4 and len(resumed["losses"]) == 1
+    with pytest.raises(ValueError, match="trained with optimizer = 'adamw', this run asks for 'sgd'"):
+        train(tiny(manifest, tmp_path / "bad", max_steps=4, negatives="topk:3", resume=str(checkpoint), optimizer="sgd"))
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -107,12 +107,18 @@ def latest_checkpoint(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, *, model, classifier, optimizer, classifier_optimizer, schedulers: list,
-                    generators: dict[str, torch.Generator], device: torch.device) -> dict:
+                    generators: dict[str, torch.Generator], device: torch.device, same: dict | None = None) -> dict:
     """Restores everything save_checkpoint wrote, at any world size (the classifier re-shards); returns the
-    trainer position. RNG states are restored when the checkpoint has this rank's file."""
+    trainer position. RNG states are restored when the checkpoint has this rank's file. `same`: settings
+    that must equal the checkpoint's (a different optimizer cannot take over another's state)."""
     folder = latest_checkpoint(path)
     _, rank = world_and_rank()
     state = torch.load(folder / "state.pt", map_location=device, weights_only=False)
+    for key, value in (same or {}).items():
+        saved = state["config"].get(key)
+        if saved != value:
+            raise ValueError(f"resume: the checkpoint {folder} was trained with {key} = {saved!r}, "
+                             f"this run asks for {value!r}; resume with the same {key}")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     for scheduler, saved in zip(schedulers, state["schedulers"]):

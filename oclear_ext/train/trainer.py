@@ -150,7 +150,8 @@ def train(config: TrainConfig) -> dict:
     if config.resume:
         position = load_checkpoint(config.resume, model=model, classifier=classifier, optimizer=opt,
                                    classifier_optimizer=cls_opt, schedulers=schedulers, generators=generators,
-                                   device=device)
+                                   device=device, same={"optimizer": config.optimizer, "dim": config.dim,
+                                                        "fusion": config.fusion})
         step, epoch, batch_in_epoch = position["step"], position["epoch"], position["batch_in_epoch"]
     ddp = model
     if world > 1:
