@@ -63,6 +63,10 @@ class OclearModel(nn.Module):
         self.text_encoder = build_text_encoder(config.text_encoder, config.dim) if config.fusion else None
         self.fusion = (ConceptAwareFusion(config.dim, num_concepts=config.num_concepts, num_heads=config.num_heads)
                        if config.fusion else None)
+        if self.fusion is not None:
+            # The text context W c starts at zero, so a fresh model's docs are its image-only docs and text
+            # joins only as far as training finds it useful (a zero-initialised residual branch).
+            nn.init.zeros_(self.fusion.context.weight)
 
     def embed_queries(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) in [0, 1] -> (B, D)."""
