@@ -72,3 +72,27 @@ def test_bad_model_configs(kw, match):
 def test_mismatched_texts_are_rejected(model):
     with pytest.raises(ValueError, match="2 images but 1 texts"):
         model.embed_docs(torch.rand(2, 3, 32, 32), ["a"])
+
+
+def test_frozen_pretrained_encoder_caches_features_by_content(monkeypatch):
+    from oclear_ext.models.pretrained import EfficientNetLite0
+
+    encoder = EfficientNetLite0(input_size=40)  # an input size no other test uses: the cache is shared
+    calls = []
+    compute = encoder._compute
+    monkeypatch.setattr(encoder, "_compute", lambda x: calls.append(x.shape[0]) or compute(x))
+    images = torch.rand(3, 3, 16, 16)
+    first = encoder(images)
+    assert first.shape == (3, 1280) and not first.requires_grad
+    again = encoder(torch.cat([images[1:], torch.rand(1, 3, 16, 16)]))  # two cached, one new
+    assert calls == [3, 1]
+    torch.testing.assert_close(again[:2], first[1:], rtol=0, atol=0)
+    encoder.train()
+    assert not encoder.net.training and not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_cache_without_freeze_is_rejected():
+    from oclear_ext.models.pretrained import EfficientNetLite0
+
+    with pytest.raises(ValueError, match="cache=True needs freeze=True"):
+        EfficientNetLite0(freeze=False, cache=True)

@@ -1,4 +1,4 @@
-"""Encoders by name (the defaults that train on a CPU; pretrained encoders will register here too)."""
+"""Encoders by name: the defaults that train on a CPU from scratch, and pretrained ones from PyPI packages."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from torch import nn
 
 from .encoders import HashingTextEncoder, SmallCNN
 
-IMAGE_ENCODERS = ("small-cnn",)
+IMAGE_ENCODERS = ("small-cnn", "efficientnet-lite0")
 TEXT_ENCODERS = ("hashing",)
 
 
@@ -14,6 +14,10 @@ def build_image_encoder(name: str) -> nn.Module:
     """An image encoder with `out_features`; images (B, 3, H, W) in [0, 1]."""
     if name == "small-cnn":
         return SmallCNN()
+    if name == "efficientnet-lite0":
+        from .pretrained import EfficientNetLite0
+
+        return EfficientNetLite0()
     raise ValueError(f"unknown image encoder {name!r}; expected one of {IMAGE_ENCODERS}")
 
 
