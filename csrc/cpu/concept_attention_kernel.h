@@ -41,10 +41,11 @@ constexpr int64_t kQueryTile = 64;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// C[R x NV*L] (+)= A[R x k] B[k x NV*L]; A row-major (lda), B and C row-major (ldb, ldc).
+// C[R x NV*L] (+)= A[R x k] B[k x NV*L]; A(r, p) = a[r * lda + p * aps] (any layout: A is read as
+// broadcast scalars, so a transposed A costs nothing), B and C row-major (ldb, ldc).
 template <typename T, int R, int NV, bool kAccumulate>
-inline void micro_tile(int64_t k, const T* __restrict a, int64_t lda, const T* __restrict b, int64_t ldb,
-                       T* __restrict c, int64_t ldc) {
+inline void micro_tile(int64_t k, const T* __restrict a, int64_t lda, int64_t aps, const T* __restrict b,
+                       int64_t ldb, T* __restrict c, int64_t ldc) {
   using V = typename Simd<T>::V;
   using U = typename Simd<T>::U;
   constexpr int64_t L = kLanes<T>;
@@ -62,7 +63,7 @@ inline void micro_tile(int64_t k, const T* __restrict a, int64_t lda, const T* _
     V bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const U*>(b + p * ldb + v * L);
     for (int r = 0; r < R; ++r) {
-      const T ar = a[r * lda + p];
+      const T ar = a[r * lda + p * aps];
       for (int v = 0; v < NV; ++v) acc[r][v] += ar * bv[v];
     }
   }
@@ -72,40 +73,41 @@ inline void micro_tile(int64_t k, const T* __restrict a, int64_t lda, const T* _
 }
 
 template <typename T, int NV, bool kAccumulate>
-inline void gemm_columns(int64_t m, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
-                         int64_t ldc) {
+inline void gemm_columns(int64_t m, int64_t k, const T* a, int64_t lda, int64_t aps, const T* b, int64_t ldb,
+                         T* c, int64_t ldc) {
   int64_t i = 0;
   for (; i + kRows <= m; i += kRows) {
-    micro_tile<T, kRows, NV, kAccumulate>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc);
+    micro_tile<T, kRows, NV, kAccumulate>(k, a + i * lda, lda, aps, b, ldb, c + i * ldc, ldc);
   }
-  for (; i < m; ++i) micro_tile<T, 1, NV, kAccumulate>(k, a + i * lda, lda, b, ldb, c + i * ldc, ldc);
+  for (; i < m; ++i) micro_tile<T, 1, NV, kAccumulate>(k, a + i * lda, lda, aps, b, ldb, c + i * ldc, ldc);
 }
 
-// C[m x n] (+)= A[m x k] B[k x n], n a multiple of the vector length (callers pad with zeros).
+// C[m x n] (+)= A[m x k] B[k x n], n a multiple of the vector length (callers pad with zeros);
+// A(r, p) = a[r * lda + p * aps].
 template <typename T, bool kAccumulate>
-void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, int64_t aps, const T* b, int64_t ldb, T* c,
           int64_t ldc) {
   constexpr int64_t L = kLanes<T>;
   int64_t j = 0;
   for (; j + kVecs * L <= n; j += kVecs * L) {
-    gemm_columns<T, kVecs, kAccumulate>(m, k, a, lda, b + j, ldb, c + j, ldc);
+    gemm_columns<T, kVecs, kAccumulate>(m, k, a, lda, aps, b + j, ldb, c + j, ldc);
   }
   if constexpr (kVecs > 2) {
     if (j + 2 * L <= n) {
-      gemm_columns<T, 2, kAccumulate>(m, k, a, lda, b + j, ldb, c + j, ldc);
+      gemm_columns<T, 2, kAccumulate>(m, k, a, lda, aps, b + j, ldb, c + j, ldc);
       j += 2 * L;
     }
   }
-  if (j < n) gemm_columns<T, 1, kAccumulate>(m, k, a, lda, b + j, ldb, c + j, ldc);
+  if (j < n) gemm_columns<T, 1, kAccumulate>(m, k, a, lda, aps, b + j, ldb, c + j, ldc);
 }
 
 template <typename T>
 inline void gemm_into(bool accumulate, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
                       int64_t ldb, T* c, int64_t ldc) {
   if (accumulate) {
-    gemm<T, true>(m, n, k, a, lda, b, ldb, c, ldc);
+    gemm<T, true>(m, n, k, a, lda, 1, b, ldb, c, ldc);
   } else {
-    gemm<T, false>(m, n, k, a, lda, b, ldb, c, ldc);
+    gemm<T, false>(m, n, k, a, lda, 1, b, ldb, c, ldc);
   }
 }
 
@@ -153,17 +155,105 @@ struct Padded {
   int64_t block_width(int64_t j0) const { return std::min(kKeyBlock, lk - j0); }
 };
 
+// Rows of a tensor can serve as a GEMM's B operand in place when they are acc_t and Dh is a whole
+// number of vectors (no padding columns needed).
+template <typename scalar_t, typename T>
+constexpr bool rows_in_place_type = std::is_same_v<scalar_t, T>;
+template <typename scalar_t, typename T>
+inline bool rows_in_place(int64_t dh) {
+  return rows_in_place_type<scalar_t, T> && dh % kLanes<T> == 0;
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#define OCLEAR_VECTOR_TRANSPOSE 1
+template <typename T>
+struct SimdIndex;
+template <>
+struct SimdIndex<float> {
+  typedef int32_t M __attribute__((vector_size(kVectorBytes)));
+};
+template <>
+struct SimdIndex<double> {
+  typedef int64_t M __attribute__((vector_size(kVectorBytes)));
+};
+
+// Shuffle masks of stage S as compile-time constants (a runtime mask costs a broadcast and a
+// mask register per shuffle): lo takes row i's element k, or row i+S's element k-S where bit S of
+// k is set; hi the mirror.
+template <typename T, int S, int... K>
+inline typename SimdIndex<T>::M stage_mask_lo(std::integer_sequence<int, K...>) {
+  constexpr int L = static_cast<int>(kLanes<T>);
+  return typename SimdIndex<T>::M{((K & S) ? L + K - S : K)...};
+}
+template <typename T, int S, int... K>
+inline typename SimdIndex<T>::M stage_mask_hi(std::integer_sequence<int, K...>) {
+  return typename SimdIndex<T>::M{((K & S) ? static_cast<int>(kLanes<T>) + K : K + S)...};
+}
+
+// Stage S swaps bit S of the row index with bit S of the column index where they differ; all
+// stages together swap row and column.
+template <typename T, int S>
+inline void transpose_stages(typename Simd<T>::V* r) {
+  constexpr int L = static_cast<int>(kLanes<T>);
+  if constexpr (S < L) {
+    using V = typename Simd<T>::V;
+    const auto lo = stage_mask_lo<T, S>(std::make_integer_sequence<int, L>{});
+    const auto hi = stage_mask_hi<T, S>(std::make_integer_sequence<int, L>{});
+#pragma GCC unroll 16
+    for (int i = 0; i < L; ++i) {
+      if (i & S) continue;
+      const V a = r[i], b = r[i + S];
+      r[i] = __builtin_shuffle(a, b, lo);
+      r[i + S] = __builtin_shuffle(a, b, hi);
+    }
+    transpose_stages<T, 2 * S>(r);
+  }
+}
+
+// dst (L x L, ld_dst) = src^T (L x L, ld_src) in registers: log2(L) stages of two-input shuffles.
+template <typename T>
+inline void transpose_tile(const T* src, int64_t ld_src, T* dst, int64_t ld_dst) {
+  using V = typename Simd<T>::V;
+  using U = typename Simd<T>::U;
+  constexpr int L = static_cast<int>(kLanes<T>);
+  V r[L];
+#pragma GCC unroll 16
+  for (int i = 0; i < L; ++i) r[i] = *reinterpret_cast<const U*>(src + i * ld_src);
+  transpose_stages<T, 1>(r);
+#pragma GCC unroll 16
+  for (int i = 0; i < L; ++i) *reinterpret_cast<U*>(dst + i * ld_dst) = r[i];
+}
+#endif
+
 // K^T in key blocks: block at key j0 (width w) is a (Dh_p x w) row-major matrix at dst + j0 * Dh_p.
+// Full L x L tiles of acc_t inputs go through register transposes; edges and converted dtypes
+// element by element, zero past Lk and Dh.
 template <typename scalar_t, typename T>
 void layout_transposed(const scalar_t* src, int64_t row_stride, int64_t lk, int64_t dh, const Padded<T>& pad,
                        T* dst) {
+  constexpr int64_t L = kLanes<T>;
   for (int64_t j0 = 0; j0 < pad.lk; j0 += kKeyBlock) {
     const int64_t w = pad.block_width(j0);
     T* block = dst + j0 * pad.dh;
-    std::fill(block, block + w * pad.dh, T(0));
-    for (int64_t j = 0; j < w && j0 + j < lk; ++j) {
-      const scalar_t* row = src + (j0 + j) * row_stride;
-      for (int64_t d = 0; d < dh; ++d) block[d * w + j] = static_cast<T>(row[d]);
+    for (int64_t jj = 0; jj < w; jj += L) {
+      for (int64_t dd = 0; dd < pad.dh; dd += L) {
+        const int64_t j_first = j0 + jj;
+#ifdef OCLEAR_VECTOR_TRANSPOSE
+        if constexpr (rows_in_place_type<scalar_t, T>) {
+          if (j_first + L <= lk && dd + L <= dh) {
+            transpose_tile(src + j_first * row_stride + dd, row_stride, block + dd * w + jj, w);
+            continue;
+          }
+        }
+#endif
+        for (int64_t d = 0; d < L; ++d) {
+          T* out = block + (dd + d) * w + jj;
+          for (int64_t j = 0; j < L; ++j) {
+            const bool inside = j_first + j < lk && dd + d < dh;
+            out[j] = inside ? static_cast<T>(src[(j_first + j) * row_stride + dd + d]) : T(0);
+          }
+        }
+      }
     }
   }
 }
@@ -191,8 +281,6 @@ void key_bias(const bool* mask_row, int64_t lk, int64_t lk_padded, T* bias) {
   }
 }
 
-// Source pointers of the keys and values of (b, h) and, when prepared once for the whole batch
-// (a shared memory), their layouts.
 template <typename scalar_t>
 const scalar_t* head_ptr(const scalar_t* base, const Strides4& s, int64_t b, int64_t h) {
   return base + b * s.batch + h * s.head;
@@ -205,15 +293,15 @@ const scalar_t* head_ptr(const scalar_t* base, const Strides4& s, int64_t b, int
 template <typename T>
 struct ForwardScratch {
   std::vector<T> q, s, o, m, l, alpha, bias, kt, vs;
-  ForwardScratch(const Padded<T>& pad, bool own_keys)
+  ForwardScratch(const Padded<T>& pad, bool own_keys, bool v_in_place)
       : q(kQueryTile * pad.dh), s(kQueryTile * kKeyBlock), o(kQueryTile * pad.dh), m(kQueryTile),
         l(kQueryTile), alpha(kQueryTile), bias(pad.lk), kt(own_keys ? pad.lk * pad.dh : 0),
-        vs(own_keys ? pad.lk * pad.dh : 0) {}
+        vs(own_keys && !v_in_place ? pad.lk * pad.dh : 0) {}
 };
 
 template <typename scalar_t, typename T>
 void forward_head(const AttentionProblem<scalar_t>& p, const Padded<T>& pad, int64_t b, int64_t h, const T* kt,
-                  const T* vs, scalar_t* out, T* lse, ForwardScratch<T>& w) {
+                  const T* vs, int64_t ldv, scalar_t* out, T* lse, ForwardScratch<T>& w) {
   const int64_t dh = p.dh, dhp = pad.dh;
   key_bias(p.mask ? p.mask + b * p.lk : nullptr, p.lk, pad.lk, w.bias.data());
   const scalar_t* q = head_ptr(p.q, p.q_strides, b, h);
@@ -228,7 +316,7 @@ void forward_head(const AttentionProblem<scalar_t>& p, const Padded<T>& pad, int
     std::fill(w.l.begin(), w.l.begin() + tq, T(0));
     for (int64_t j0 = 0; j0 < pad.lk; j0 += kKeyBlock) {
       const int64_t kw = pad.block_width(j0);
-      gemm<T, false>(tq, kw, dhp, qs, dhp, kt + j0 * dhp, kw, s, kKeyBlock);
+      gemm<T, false>(tq, kw, dhp, qs, dhp, 1, kt + j0 * dhp, kw, s, kKeyBlock);
       const T* bias = w.bias.data() + j0;
       for (int64_t i = 0; i < tq; ++i) {
         T* row = s + i * kKeyBlock;
@@ -258,7 +346,8 @@ void forward_head(const AttentionProblem<scalar_t>& p, const Padded<T>& pad, int
           for (int64_t d = 0; d < dhp; ++d) orow[d] *= a;
         }
       }
-      gemm_into<T>(j0 > 0, tq, dhp, kw, s, kKeyBlock, vs + j0 * dhp, dhp, o, dhp);
+      // Only the block's real keys: P is 0 past Lk, and V's rows there may not exist (read in place).
+      gemm_into<T>(j0 > 0, tq, dhp, std::min(kw, p.lk - j0), s, kKeyBlock, vs + j0 * ldv, ldv, o, dhp);
     }
     for (int64_t i = 0; i < tq; ++i) {
       const T l = w.l[i];
@@ -286,37 +375,48 @@ void forward(const AttentionProblem<scalar_t>& p, scalar_t* out, at::opmath_type
   using T = at::opmath_type<scalar_t>;
   const Padded<T> pad(p.lk, p.dh);
   // A memory shared by the batch (k, v batch 1) is laid out once per head, not once per (b, h).
+  // V rows are read in place when they already are acc_t rows of a vector multiple.
+  const bool v_in_place = rows_in_place<scalar_t, T>(p.dh);
   std::vector<T> shared_kt, shared_vs;
   if (p.kv_broadcast) {
     shared_kt.resize(p.heads * pad.lk * pad.dh);
-    shared_vs.resize(p.heads * pad.lk * pad.dh);
+    if (!v_in_place) shared_vs.resize(p.heads * pad.lk * pad.dh);
     at::parallel_for(0, p.heads, 1, [&](int64_t h0, int64_t h1) {
       for (int64_t h = h0; h < h1; ++h) {
         layout_transposed(head_ptr(p.k, p.k_strides, 0, h), p.k_strides.row, p.lk, p.dh, pad,
                           shared_kt.data() + h * pad.lk * pad.dh);
-        layout_rows(head_ptr(p.v, p.v_strides, 0, h), p.v_strides.row, p.lk, pad.lk, p.dh, pad.dh, T(1),
-                    shared_vs.data() + h * pad.lk * pad.dh);
+        if (!v_in_place) {
+          layout_rows(head_ptr(p.v, p.v_strides, 0, h), p.v_strides.row, p.lk, pad.lk, p.dh, pad.dh, T(1),
+                      shared_vs.data() + h * pad.lk * pad.dh);
+        }
       }
     });
   }
   at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t bh0, int64_t bh1) {
-    ForwardScratch<T> w(pad, !p.kv_broadcast);
+    ForwardScratch<T> w(pad, !p.kv_broadcast, v_in_place);
     for (int64_t bh = bh0; bh < bh1; ++bh) {
       const int64_t b = bh / p.heads, h = bh % p.heads;
       if (bh + 1 < bh1) prefetch_inputs(p, (bh + 1) / p.heads, (bh + 1) % p.heads);
       const T* kt;
       const T* vs;
+      int64_t ldv = pad.dh;
       if (p.kv_broadcast) {
         kt = shared_kt.data() + h * pad.lk * pad.dh;
-        vs = shared_vs.data() + h * pad.lk * pad.dh;
+        vs = v_in_place ? nullptr : shared_vs.data() + h * pad.lk * pad.dh;
       } else {
         layout_transposed(head_ptr(p.k, p.k_strides, b, h), p.k_strides.row, p.lk, p.dh, pad, w.kt.data());
-        layout_rows(head_ptr(p.v, p.v_strides, b, h), p.v_strides.row, p.lk, pad.lk, p.dh, pad.dh, T(1),
-                    w.vs.data());
+        if (!v_in_place) {
+          layout_rows(head_ptr(p.v, p.v_strides, b, h), p.v_strides.row, p.lk, pad.lk, p.dh, pad.dh, T(1),
+                      w.vs.data());
+        }
         kt = w.kt.data();
         vs = w.vs.data();
       }
-      forward_head(p, pad, b, h, kt, vs, out + bh * p.lq * p.dh, lse + bh * p.lq, w);
+      if (v_in_place) {
+        vs = reinterpret_cast<const T*>(head_ptr(p.v, p.v_strides, b, h));
+        ldv = p.v_strides.row;
+      }
+      forward_head(p, pad, b, h, kt, vs, ldv, out + bh * p.lq * p.dh, lse + bh * p.lq, w);
     }
   });
 }
@@ -330,28 +430,21 @@ void forward(const AttentionProblem<scalar_t>& p, scalar_t* out, at::opmath_type
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 struct KeyLayouts {
-  const T* kt;  // K^T blocks
-  const T* ks;  // K rows
-  const T* vt;  // V^T blocks
+  const T* kt;    // K^T blocks
+  const T* ks;    // K rows (ld_ks apart)
+  int64_t ld_ks;
+  const T* vt;    // V^T blocks
 };
 
 template <typename T>
 struct BackwardScratch {
-  std::vector<T> q, dout, delta, lse, p, dp, t, dq, bias, kt, ks, vt;
-  BackwardScratch(const Padded<T>& pad, bool own_keys)
+  std::vector<T> q, dout, delta, lse, p, dp, dq, bias, kt, ks, vt;
+  BackwardScratch(const Padded<T>& pad, bool own_keys, bool k_in_place)
       : q(kQueryTile * pad.dh), dout(kQueryTile * pad.dh), delta(kQueryTile), lse(kQueryTile),
-        p(kQueryTile * kKeyBlock), dp(kQueryTile * kKeyBlock), t(kKeyBlock * kQueryTile),
-        dq(kQueryTile * pad.dh), bias(pad.lk), kt(own_keys ? pad.lk * pad.dh : 0),
-        ks(own_keys ? pad.lk * pad.dh : 0), vt(own_keys ? pad.lk * pad.dh : 0) {}
+        p(kQueryTile * kKeyBlock), dp(kQueryTile * kKeyBlock), dq(kQueryTile * pad.dh), bias(pad.lk),
+        kt(own_keys ? pad.lk * pad.dh : 0), ks(own_keys && !k_in_place ? pad.lk * pad.dh : 0),
+        vt(own_keys ? pad.lk * pad.dh : 0) {}
 };
-
-// dst (cols x rows, row-major, ld) = src^T, src (rows x cols, ld_src).
-template <typename T>
-inline void transpose(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst, int64_t ld_dst) {
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
-  }
-}
 
 template <typename scalar_t, typename T>
 void backward_head(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_t>& io, const Padded<T>& pad,
@@ -368,7 +461,6 @@ void backward_head(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_
   T* dos = w.dout.data();
   T* pm = w.p.data();
   T* dp = w.dp.data();
-  T* tr = w.t.data();
   T* dq = w.dq.data();
   for (int64_t i0 = 0; i0 < p.lq; i0 += kQueryTile) {
     const int64_t tq = std::min(kQueryTile, p.lq - i0);
@@ -385,7 +477,7 @@ void backward_head(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_
     }
     for (int64_t j0 = 0; j0 < pad.lk; j0 += kKeyBlock) {
       const int64_t kw = pad.block_width(j0);
-      gemm<T, false>(tq, kw, dhp, qs, dhp, keys.kt + j0 * dhp, kw, pm, kKeyBlock);
+      gemm<T, false>(tq, kw, dhp, qs, dhp, 1, keys.kt + j0 * dhp, kw, pm, kKeyBlock);
       const T* bias = w.bias.data() + j0;
       for (int64_t i = 0; i < tq; ++i) {
         T* row = pm + i * kKeyBlock;
@@ -397,12 +489,9 @@ void backward_head(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_
 #pragma omp simd
         for (int64_t j = 0; j < kw; ++j) row[j] = exp_nonpositive(std::min(row[j] + bias[j] - l, T(0)));
       }
-      if (dv != nullptr) {
-        transpose(pm, kKeyBlock, tq, kw, tr, kQueryTile);
-        gemm<T, true>(kw, dhp, tq, tr, kQueryTile, dos, dhp, dv + j0 * dhp, dhp);
-      }
+      if (dv != nullptr) gemm<T, true>(kw, dhp, tq, pm, 1, kKeyBlock, dos, dhp, dv + j0 * dhp, dhp);  // P^T dO
       if (!need_ds) continue;
-      gemm<T, false>(tq, kw, dhp, dos, dhp, keys.vt + j0 * dhp, kw, dp, kKeyBlock);
+      gemm<T, false>(tq, kw, dhp, dos, dhp, 1, keys.vt + j0 * dhp, kw, dp, kKeyBlock);
       for (int64_t i = 0; i < tq; ++i) {
         T* dsrow = dp + i * kKeyBlock;
         const T* prow = pm + i * kKeyBlock;
@@ -410,11 +499,11 @@ void backward_head(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_
 #pragma omp simd
         for (int64_t j = 0; j < kw; ++j) dsrow[j] = prow[j] * (dsrow[j] - delta);
       }
-      if (io.grad_q != nullptr) gemm_into<T>(j0 > 0, tq, dhp, kw, dp, kKeyBlock, keys.ks + j0 * dhp, dhp, dq, dhp);
-      if (dk != nullptr) {
-        transpose(dp, kKeyBlock, tq, kw, tr, kQueryTile);
-        gemm<T, true>(kw, dhp, tq, tr, kQueryTile, qs, dhp, dk + j0 * dhp, dhp);
+      if (io.grad_q != nullptr) {
+        gemm_into<T>(j0 > 0, tq, dhp, std::min(kw, p.lk - j0), dp, kKeyBlock, keys.ks + j0 * keys.ld_ks, keys.ld_ks, dq,
+                     dhp);
       }
+      if (dk != nullptr) gemm<T, true>(kw, dhp, tq, dp, 1, kKeyBlock, qs, dhp, dk + j0 * dhp, dhp);  // dS^T (scale Q)
     }
     if (io.grad_q != nullptr) {
       const T scale = static_cast<T>(p.scale);
@@ -445,16 +534,20 @@ void backward(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_t>& i
   const bool need_k = io.grad_k != nullptr, need_v = io.grad_v != nullptr;
   if (io.grad_q == nullptr && !need_k && !need_v) return;
 
+  // K rows are read in place when they already are acc_t rows of a vector multiple.
+  const bool k_in_place = rows_in_place<scalar_t, T>(p.dh);
   std::vector<T> shared_kt, shared_ks, shared_vt;
   if (p.kv_broadcast) {
     shared_kt.resize(p.heads * head_size);
-    shared_ks.resize(p.heads * head_size);
+    if (!k_in_place) shared_ks.resize(p.heads * head_size);
     shared_vt.resize(p.heads * head_size);
     at::parallel_for(0, p.heads, 1, [&](int64_t h0, int64_t h1) {
       for (int64_t h = h0; h < h1; ++h) {
         const scalar_t* k = head_ptr(p.k, p.k_strides, 0, h);
         layout_transposed(k, p.k_strides.row, p.lk, p.dh, pad, shared_kt.data() + h * head_size);
-        layout_rows(k, p.k_strides.row, p.lk, pad.lk, p.dh, pad.dh, T(1), shared_ks.data() + h * head_size);
+        if (!k_in_place) {
+          layout_rows(k, p.k_strides.row, p.lk, pad.lk, p.dh, pad.dh, T(1), shared_ks.data() + h * head_size);
+        }
         layout_transposed(head_ptr(p.v, p.v_strides, 0, h), p.v_strides.row, p.lk, p.dh, pad,
                           shared_vt.data() + h * head_size);
       }
@@ -470,7 +563,7 @@ void backward(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_t>& i
   std::vector<T> partial_dv(p.kv_broadcast && need_v ? parts * p.heads * head_size : 0);
 
   at::parallel_for(0, parts, 1, [&](int64_t part0, int64_t part1) {
-    BackwardScratch<T> w(pad, !p.kv_broadcast);
+    BackwardScratch<T> w(pad, !p.kv_broadcast, k_in_place);
     std::vector<T> own_dk(!p.kv_broadcast && need_k ? head_size : 0);
     std::vector<T> own_dv(!p.kv_broadcast && need_v ? head_size : 0);
     for (int64_t part = part0; part < part1; ++part) {
@@ -487,16 +580,16 @@ void backward(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_t>& i
         T* dk = nullptr;
         T* dv = nullptr;
         if (p.kv_broadcast) {
-          keys = {shared_kt.data() + h * head_size, shared_ks.data() + h * head_size,
-                  shared_vt.data() + h * head_size};
+          keys = {shared_kt.data() + h * head_size, k_in_place ? nullptr : shared_ks.data() + h * head_size,
+                  pad.dh, shared_vt.data() + h * head_size};
           if (need_k) dk = partial_dk.data() + (part * p.heads + h) * head_size;
           if (need_v) dv = partial_dv.data() + (part * p.heads + h) * head_size;
         } else {
           const scalar_t* k = head_ptr(p.k, p.k_strides, b, h);
           layout_transposed(k, p.k_strides.row, p.lk, p.dh, pad, w.kt.data());
-          layout_rows(k, p.k_strides.row, p.lk, pad.lk, p.dh, pad.dh, T(1), w.ks.data());
+          if (!k_in_place) layout_rows(k, p.k_strides.row, p.lk, pad.lk, p.dh, pad.dh, T(1), w.ks.data());
           layout_transposed(head_ptr(p.v, p.v_strides, b, h), p.v_strides.row, p.lk, p.dh, pad, w.vt.data());
-          keys = {w.kt.data(), w.ks.data(), w.vt.data()};
+          keys = {w.kt.data(), w.ks.data(), pad.dh, w.vt.data()};
           if (need_k) {
             dk = own_dk.data();
             std::fill(own_dk.begin(), own_dk.end(), T(0));
@@ -505,6 +598,10 @@ void backward(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_t>& i
             dv = own_dv.data();
             std::fill(own_dv.begin(), own_dv.end(), T(0));
           }
+        }
+        if (k_in_place) {
+          keys.ks = reinterpret_cast<const T*>(head_ptr(p.k, p.k_strides, b, h));
+          keys.ld_ks = p.k_strides.row;
         }
         backward_head(p, io, pad, b, h, keys, dk, dv, w);
         if (!p.kv_broadcast) {
