@@ -2,6 +2,8 @@
 
 Variants, in one process on the same inputs (q (B, H, Lq, Dh), k, v (B or 1, H, Lk, Dh), a random
 key padding mask (B, Lk)):
+  io_floor   what every implementation pays in memory: read q, k, v, dO and write four fresh outputs
+             (out, dq, dk, dv; fresh pages are zeroed by the kernel on first touch)
   gemm6      the six plain batched GEMMs of a materialised attention's forward+backward
              (S = q k^T, O = P v, dV = P^T dO, dP = dO v^T, dQ = dS k, dK = dS^T q): the practical ceiling
   fused      oclear_ext.concept_attention (keeps no attention matrix, recomputes it in the backward)
@@ -75,10 +77,14 @@ def make_variants(q, k, v, pad, grad_out):
         dk = torch.matmul(dp.transpose(-2, -1), q)
         return s, o, dv, dq, dk
 
+    def io_floor():
+        return q.clone(), q + grad_out, k.clone(), v.clone()
+
     def clear_grads():
         ql.grad = kl.grad = vl.grad = None
 
     return clear_grads, {
+        "io_floor": io_floor,
         "gemm6": gemm6,
         "fused": run(lambda a, b_, c: oclear_ext.concept_attention(a, b_, c, pad)),
         "sdpa": run(lambda a, b_, c: F.scaled_dot_product_attention(
@@ -109,12 +115,13 @@ def bench_shape(b, h, lq, lk, dh, broadcast, device, dtype, repeats):
         t = timings[name]
         clear_grads()  # gradients held from the timing would hide the new ones in the peak
         extra = common.peak_extra_bytes(fn, device)
-        if name != "gemm6":
+        if name not in ("gemm6", "io_floor"):
             extra = max(0, extra - grads_bytes)
         row["variants"][name] = {"time": t, "peak_extra_bytes": extra, "useful_gflops": flops / t.median_s / 1e9}
     med = {n: row["variants"][n]["time"].median_s for n in variants}
     row["ratios"] = {"sdpa_over_fused": med["sdpa"] / med["fused"], "reference_over_fused": med["reference"] / med["fused"],
-                     "fused_over_gemm6": med["fused"] / med["gemm6"]}
+                     "fused_over_gemm6": med["fused"] / med["gemm6"], "fused_over_io_floor": med["fused"] / med["io_floor"],
+                     "sdpa_over_io_floor": med["sdpa"] / med["io_floor"]}
     print(f"B={b:5d} H={h} Lq={lq:3d} Lk={lk:4d} Dh={dh} {'shared' if broadcast else 'per-batch'} memory: "
           + "  ".join(f"{n} {med[n] * 1e3:8.1f} ms [{timings[n].min_s * 1e3:.1f}, {timings[n].max_s * 1e3:.1f}]" for n in variants)
           + f"  | sdpa/fused {row['ratios']['sdpa_over_fused']:.2f}  reference/fused {row['ratios']['reference_over_fused']:.2f}"
@@ -130,11 +137,11 @@ def plot(rows, path, title):
     import matplotlib.pyplot as plt
 
     labels = [f"B={r['B']}\nLq={r['Lq']} Lk={r['Lk']}\n{'shared' if r['memory_broadcast'] else 'per-batch'}" for r in rows]
-    names = ["gemm6", "fused", "sdpa", "reference"]
+    names = ["io_floor", "gemm6", "fused", "sdpa", "reference"]
     fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(max(10, 2.2 * len(rows)), 4.8))
-    width = 0.2
+    width = 0.16
     for i, name in enumerate(names):
-        xs = [j + (i - 1.5) * width for j in range(len(rows))]
+        xs = [j + (i - 2) * width for j in range(len(rows))]
         ax_t.bar(xs, [r["variants"][name]["time"].median_s * 1e3 for r in rows], width, label=name)
     ax_t.set_yscale("log")
     ax_t.set_ylabel("forward+backward, median (ms)")
