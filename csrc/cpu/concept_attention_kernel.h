@@ -102,12 +102,12 @@ void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, int64_t aps,
 }
 
 template <typename T>
-inline void gemm_into(bool accumulate, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
-                      int64_t ldb, T* c, int64_t ldc) {
+inline void gemm_into(bool accumulate, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, int64_t aps,
+                      const T* b, int64_t ldb, T* c, int64_t ldc) {
   if (accumulate) {
-    gemm<T, true>(m, n, k, a, lda, 1, b, ldb, c, ldc);
+    gemm<T, true>(m, n, k, a, lda, aps, b, ldb, c, ldc);
   } else {
-    gemm<T, false>(m, n, k, a, lda, 1, b, ldb, c, ldc);
+    gemm<T, false>(m, n, k, a, lda, aps, b, ldb, c, ldc);
   }
 }
 
@@ -115,16 +115,17 @@ inline void gemm_into(bool accumulate, int64_t m, int64_t n, int64_t k, const T*
 inline float exp_nonpositive(float x) { return x < -87.0f ? 0.0f : fast_exp(x); }
 inline double exp_nonpositive(double x) { return std::exp(x); }
 
-// row[j] += bias[j] for j < n (n a multiple of the vector length); returns the max of the row.
-// Written on vectors: a scalar max reduction is a latency chain the compiler does not vectorise.
+// row[j] = scale * row[j] + bias[j] for j < n (n a multiple of the vector length); returns the max
+// of the row. Written on vectors: a scalar max reduction is a latency chain the compiler does not
+// vectorise.
 template <typename T>
-inline T add_bias_and_max(T* row, const T* bias, int64_t n) {
+inline T scale_bias_max(T* row, T scale, const T* bias, int64_t n) {
   using V = typename Simd<T>::V;
   using U = typename Simd<T>::U;
   constexpr int64_t L = kLanes<T>;
   V mx = V{} + T(-INFINITY);
   for (int64_t j = 0; j < n; j += L) {
-    const V x = *reinterpret_cast<const U*>(row + j) + *reinterpret_cast<const U*>(bias + j);
+    const V x = scale * *reinterpret_cast<const U*>(row + j) + *reinterpret_cast<const U*>(bias + j);
     *reinterpret_cast<U*>(row + j) = x;
     mx = x > mx ? x : mx;
   }
@@ -305,22 +306,30 @@ void forward_head(const AttentionProblem<scalar_t>& p, const Padded<T>& pad, int
   const int64_t dh = p.dh, dhp = pad.dh;
   key_bias(p.mask ? p.mask + b * p.lk : nullptr, p.lk, pad.lk, w.bias.data());
   const scalar_t* q = head_ptr(p.q, p.q_strides, b, h);
-  T* qs = w.q.data();
+  const bool q_in_place = rows_in_place<scalar_t, T>(dh);
+  const T scale = static_cast<T>(p.scale);
   T* s = w.s.data();
   T* o = w.o.data();
   for (int64_t i0 = 0; i0 < p.lq; i0 += kQueryTile) {
     const int64_t tq = std::min(kQueryTile, p.lq - i0);
-    // Q is pre-scaled, so the GEMM yields the scaled scores.
-    layout_rows(q + i0 * p.q_strides.row, p.q_strides.row, tq, tq, dh, dhp, static_cast<T>(p.scale), qs);
+    // Q in place when its rows already fit (the scale is applied to the scores).
+    const T* qa = w.q.data();
+    int64_t ldq = dhp;
+    if (q_in_place) {
+      qa = reinterpret_cast<const T*>(q) + i0 * p.q_strides.row;
+      ldq = p.q_strides.row;
+    } else {
+      layout_rows(q + i0 * p.q_strides.row, p.q_strides.row, tq, tq, dh, dhp, T(1), w.q.data());
+    }
     std::fill(w.m.begin(), w.m.begin() + tq, T(-INFINITY));
     std::fill(w.l.begin(), w.l.begin() + tq, T(0));
     for (int64_t j0 = 0; j0 < pad.lk; j0 += kKeyBlock) {
       const int64_t kw = pad.block_width(j0);
-      gemm<T, false>(tq, kw, dhp, qs, dhp, 1, kt + j0 * dhp, kw, s, kKeyBlock);
+      gemm<T, false>(tq, kw, dhp, qa, ldq, 1, kt + j0 * dhp, kw, s, kKeyBlock);
       const T* bias = w.bias.data() + j0;
       for (int64_t i = 0; i < tq; ++i) {
         T* row = s + i * kKeyBlock;
-        const T mx = std::max(w.m[i], add_bias_and_max(row, bias, kw));
+        const T mx = std::max(w.m[i], scale_bias_max(row, scale, bias, kw));
         if (mx == T(-INFINITY)) {  // no key of this row so far: P row = 0, state unchanged
           std::fill(row, row + kw, T(0));
           w.alpha[i] = T(1);
@@ -347,7 +356,7 @@ void forward_head(const AttentionProblem<scalar_t>& p, const Padded<T>& pad, int
         }
       }
       // Only the block's real keys: P is 0 past Lk, and V's rows there may not exist (read in place).
-      gemm_into<T>(j0 > 0, tq, dhp, std::min(kw, p.lk - j0), s, kKeyBlock, vs + j0 * ldv, ldv, o, dhp);
+      gemm_into<T>(j0 > 0, tq, dhp, std::min(kw, p.lk - j0), s, kKeyBlock, 1, vs + j0 * ldv, ldv, o, dhp);
     }
     for (int64_t i = 0; i < tq; ++i) {
       const T l = w.l[i];
@@ -446,9 +455,13 @@ struct BackwardScratch {
         vt(own_keys ? pad.lk * pad.dh : 0) {}
 };
 
+// dk, dv: accumulators with row stride ld_dkv (null when not needed). `direct`: they are the output
+// rows themselves (acc_t, Lk x Dh exactly): the first query tile overwrites them and rows past Lk
+// are never touched; otherwise they are zeroed Lk_p x Dh_p scratch that is only added to.
 template <typename scalar_t, typename T>
 void backward_head(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_t>& io, const Padded<T>& pad,
-                   int64_t b, int64_t h, const KeyLayouts<T>& keys, T* dk, T* dv, BackwardScratch<T>& w) {
+                   int64_t b, int64_t h, const KeyLayouts<T>& keys, T* dk, T* dv, int64_t ld_dkv, bool direct,
+                   BackwardScratch<T>& w) {
   const int64_t dh = p.dh, dhp = pad.dh;
   const int64_t bh = b * p.heads + h;
   const bool need_ds = io.grad_q != nullptr || dk != nullptr;
@@ -457,18 +470,30 @@ void backward_head(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_
   const scalar_t* dout = io.grad_out + bh * p.lq * dh;
   const scalar_t* out = io.out + bh * p.lq * dh;
   const T* lse = io.lse + bh * p.lq;
-  T* qs = w.q.data();
-  T* dos = w.dout.data();
+  const bool in_place = rows_in_place<scalar_t, T>(dh);
+  const T scale = static_cast<T>(p.scale);
   T* pm = w.p.data();
   T* dp = w.dp.data();
   T* dq = w.dq.data();
   for (int64_t i0 = 0; i0 < p.lq; i0 += kQueryTile) {
     const int64_t tq = std::min(kQueryTile, p.lq - i0);
-    layout_rows(q + i0 * p.q_strides.row, p.q_strides.row, tq, tq, dh, dhp, static_cast<T>(p.scale), qs);
-    layout_rows(dout + i0 * dh, dh, tq, tq, dh, dhp, T(1), dos);
+    // Q and dO in place when their rows already fit; the scale goes into S and dS instead.
+    const T* qa = w.q.data();
+    const T* doa = w.dout.data();
+    int64_t ldq = dhp, lddo = dhp;
+    if (in_place) {
+      qa = reinterpret_cast<const T*>(q) + i0 * p.q_strides.row;
+      ldq = p.q_strides.row;
+      doa = reinterpret_cast<const T*>(dout) + i0 * dh;
+      lddo = dh;
+    } else {
+      layout_rows(q + i0 * p.q_strides.row, p.q_strides.row, tq, tq, dh, dhp, T(1), w.q.data());
+      layout_rows(dout + i0 * dh, dh, tq, tq, dh, dhp, T(1), w.dout.data());
+    }
+    const bool accumulate_kv = !(direct && i0 == 0);
     for (int64_t i = 0; i < tq; ++i) {
       const scalar_t* orow = out + (i0 + i) * dh;
-      const T* grow = dos + i * dhp;
+      const T* grow = doa + i * lddo;
       T acc = 0;
 #pragma omp simd reduction(+ : acc)
       for (int64_t d = 0; d < dh; ++d) acc += grow[d] * static_cast<T>(orow[d]);
@@ -477,7 +502,9 @@ void backward_head(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_
     }
     for (int64_t j0 = 0; j0 < pad.lk; j0 += kKeyBlock) {
       const int64_t kw = pad.block_width(j0);
-      gemm<T, false>(tq, kw, dhp, qs, dhp, 1, keys.kt + j0 * dhp, kw, pm, kKeyBlock);
+      const int64_t real = std::min(kw, p.lk - j0);  // keys of the block before the padding
+      const int64_t kv_rows = direct ? real : kw;
+      gemm<T, false>(tq, kw, dhp, qa, ldq, 1, keys.kt + j0 * dhp, kw, pm, kKeyBlock);
       const T* bias = w.bias.data() + j0;
       for (int64_t i = 0; i < tq; ++i) {
         T* row = pm + i * kKeyBlock;
@@ -487,31 +514,33 @@ void backward_head(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_
           continue;
         }
 #pragma omp simd
-        for (int64_t j = 0; j < kw; ++j) row[j] = exp_nonpositive(std::min(row[j] + bias[j] - l, T(0)));
+        for (int64_t j = 0; j < kw; ++j) row[j] = exp_nonpositive(std::min(scale * row[j] + bias[j] - l, T(0)));
       }
-      if (dv != nullptr) gemm<T, true>(kw, dhp, tq, pm, 1, kKeyBlock, dos, dhp, dv + j0 * dhp, dhp);  // P^T dO
+      if (dv != nullptr) {  // dV += P^T dO
+        gemm_into<T>(accumulate_kv, kv_rows, dhp, tq, pm, 1, kKeyBlock, doa, lddo, dv + j0 * ld_dkv, ld_dkv);
+      }
       if (!need_ds) continue;
-      gemm<T, false>(tq, kw, dhp, dos, dhp, 1, keys.vt + j0 * dhp, kw, dp, kKeyBlock);
-      for (int64_t i = 0; i < tq; ++i) {
+      gemm<T, false>(tq, kw, dhp, doa, lddo, 1, keys.vt + j0 * dhp, kw, dp, kKeyBlock);
+      for (int64_t i = 0; i < tq; ++i) {  // dS, times the scale: dQ = dS' K, dK = dS'^T Q
         T* dsrow = dp + i * kKeyBlock;
         const T* prow = pm + i * kKeyBlock;
         const T delta = w.delta[i];
 #pragma omp simd
-        for (int64_t j = 0; j < kw; ++j) dsrow[j] = prow[j] * (dsrow[j] - delta);
+        for (int64_t j = 0; j < kw; ++j) dsrow[j] = scale * prow[j] * (dsrow[j] - delta);
       }
       if (io.grad_q != nullptr) {
-        gemm_into<T>(j0 > 0, tq, dhp, std::min(kw, p.lk - j0), dp, kKeyBlock, keys.ks + j0 * keys.ld_ks, keys.ld_ks, dq,
-                     dhp);
+        gemm_into<T>(j0 > 0, tq, dhp, real, dp, kKeyBlock, 1, keys.ks + j0 * keys.ld_ks, keys.ld_ks, dq, dhp);
       }
-      if (dk != nullptr) gemm<T, true>(kw, dhp, tq, dp, 1, kKeyBlock, qs, dhp, dk + j0 * dhp, dhp);  // dS^T (scale Q)
+      if (dk != nullptr) {
+        gemm_into<T>(accumulate_kv, kv_rows, dhp, tq, dp, 1, kKeyBlock, qa, ldq, dk + j0 * ld_dkv, ld_dkv);
+      }
     }
     if (io.grad_q != nullptr) {
-      const T scale = static_cast<T>(p.scale);
       for (int64_t i = 0; i < tq; ++i) {
         const T* src = dq + i * dhp;
         scalar_t* dst = io.grad_q + (bh * p.lq + i0 + i) * dh;
 #pragma omp simd
-        for (int64_t d = 0; d < dh; ++d) dst[d] = static_cast<scalar_t>(scale * src[d]);
+        for (int64_t d = 0; d < dh; ++d) dst[d] = static_cast<scalar_t>(src[d]);
       }
     }
   }
@@ -564,8 +593,8 @@ void backward(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_t>& i
 
   at::parallel_for(0, parts, 1, [&](int64_t part0, int64_t part1) {
     BackwardScratch<T> w(pad, !p.kv_broadcast, k_in_place);
-    std::vector<T> own_dk(!p.kv_broadcast && need_k ? head_size : 0);
-    std::vector<T> own_dv(!p.kv_broadcast && need_v ? head_size : 0);
+    std::vector<T> own_dk(!p.kv_broadcast && !k_in_place && need_k ? head_size : 0);
+    std::vector<T> own_dv(!p.kv_broadcast && !k_in_place && need_v ? head_size : 0);
     for (int64_t part = part0; part < part1; ++part) {
       const int64_t bh0 = p.kv_broadcast ? part * total / parts : part;
       const int64_t bh1 = p.kv_broadcast ? (part + 1) * total / parts : part + 1;
@@ -579,6 +608,8 @@ void backward(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_t>& i
         KeyLayouts<T> keys;
         T* dk = nullptr;
         T* dv = nullptr;
+        int64_t ld_dkv = pad.dh;
+        bool direct = false;
         if (p.kv_broadcast) {
           keys = {shared_kt.data() + h * head_size, k_in_place ? nullptr : shared_ks.data() + h * head_size,
                   pad.dh, shared_vt.data() + h * head_size};
@@ -590,21 +621,28 @@ void backward(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_t>& i
           if (!k_in_place) layout_rows(k, p.k_strides.row, p.lk, pad.lk, p.dh, pad.dh, T(1), w.ks.data());
           layout_transposed(head_ptr(p.v, p.v_strides, b, h), p.v_strides.row, p.lk, p.dh, pad, w.vt.data());
           keys = {w.kt.data(), w.ks.data(), pad.dh, w.vt.data()};
-          if (need_k) {
-            dk = own_dk.data();
-            std::fill(own_dk.begin(), own_dk.end(), T(0));
-          }
-          if (need_v) {
-            dv = own_dv.data();
-            std::fill(own_dv.begin(), own_dv.end(), T(0));
+          direct = k_in_place;  // acc_t rows of a vector multiple: accumulate into the outputs themselves
+          if (direct) {
+            ld_dkv = p.dh;
+            if (need_k) dk = reinterpret_cast<T*>(io.grad_k + bh * p.lk * p.dh);
+            if (need_v) dv = reinterpret_cast<T*>(io.grad_v + bh * p.lk * p.dh);
+          } else {
+            if (need_k) {
+              dk = own_dk.data();
+              std::fill(own_dk.begin(), own_dk.end(), T(0));
+            }
+            if (need_v) {
+              dv = own_dv.data();
+              std::fill(own_dv.begin(), own_dv.end(), T(0));
+            }
           }
         }
         if (k_in_place) {
           keys.ks = reinterpret_cast<const T*>(head_ptr(p.k, p.k_strides, b, h));
           keys.ld_ks = p.k_strides.row;
         }
-        backward_head(p, io, pad, b, h, keys, dk, dv, w);
-        if (!p.kv_broadcast) {
+        backward_head(p, io, pad, b, h, keys, dk, dv, ld_dkv, direct, w);
+        if (!p.kv_broadcast && !direct) {
           if (need_k) store_rows(dk, p.lk, p.dh, pad.dh, io.grad_k + bh * p.lk * p.dh);
           if (need_v) store_rows(dv, p.lk, p.dh, pad.dh, io.grad_v + bh * p.lk * p.dh);
         }
