@@ -13,8 +13,10 @@
 // (b, h) runs start to finish on one core with every operand in L1/L2: S = Q K^T one key block at a
 // time, online softmax, O += P V, all through one micro-kernel C (+)= A B with A read as broadcast
 // scalars and B, C as vectors (the GEMM "outer product" form that vectorises without horizontal sums).
-// That form wants B row-major in the output's columns, hence K and V are laid out once per (b, h)
-// (or once per head, for a memory shared over the batch) as K^T blocks (Dh x keys) and padded rows.
+// That form wants B row-major in the output's columns: K^T (for S) and V^T (for dP in the backward)
+// are laid out once per (b, h), or once per head for a memory shared over the batch, through
+// register transposes; Q, K, V, dO rows are read in place when they are acc_t rows of a whole number
+// of vectors (else copied, converted and zero-padded). A transposed A operand (P^T, dS^T) is free.
 
 template <typename T>
 struct Simd;
@@ -434,8 +436,8 @@ void forward(const AttentionProblem<scalar_t>& p, scalar_t* out, at::opmath_type
 // Backward of one (b, h), FlashAttention-2 style: per query tile, recompute P = exp(S - lse) block
 // by block, then
 //   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),  dQ += dS K,  dK += dS^T Q
-// (the scale folded into Q and applied once to dQ). dK, dV accumulate over the query tiles (and,
-// for a shared memory, over the batch) in acc_t.
+// with S = scale Q K^T and the scale folded into dS (so dQ and dK need no extra pass). dK, dV
+// accumulate over the query tiles (and, for a shared memory, over the batch) in acc_t.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 struct KeyLayouts {
