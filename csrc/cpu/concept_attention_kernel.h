@@ -136,17 +136,43 @@ inline T scale_bias_max(T* row, T scale, const T* bias, int64_t n) {
   return out;
 }
 
-// Pulls a (rows x row_len) block of a strided tensor towards L2 while the current (b, h) computes:
-// each (b, h) reads tens of KiB that are cold in cache, and the hardware prefetcher only ramps up
-// within a block.
-template <typename scalar_t>
-inline void prefetch_rows(const scalar_t* src, int64_t rows, int64_t row_stride, int64_t row_len) {
-  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
-  for (int64_t j = 0; j < rows; ++j) {
-    const scalar_t* row = src + j * row_stride;
-    for (int64_t x = 0; x < row_len; x += kLine) __builtin_prefetch(row + x, 0, 2);
+// The next (b, h)'s inputs, pulled towards L2 a few lines at a time while the current one computes
+// (advance() from its inner loops): a burst of hundreds of prefetches at once mostly stalls on the
+// core's miss buffers instead of overlapping with arithmetic.
+class Prefetcher {
+ public:
+  void add(const void* base, int64_t rows, int64_t row_stride_bytes, int64_t row_bytes) {
+    if (count_ == kMaxRanges || rows <= 0) return;
+    ranges_[count_++] = Range{static_cast<const char*>(base), rows, row_stride_bytes, (row_bytes + 63) / 64};
+    total_ += rows * ((row_bytes + 63) / 64);
   }
-}
+  int64_t total() const { return total_; }
+  // Issues prefetches up to line `upto` (of total()).
+  void advance(int64_t upto) {
+    while (issued_ < upto && range_ < count_) {
+      const Range& r = ranges_[range_];
+      __builtin_prefetch(r.base + row_ * r.stride + line_ * 64, 0, 2);
+      ++issued_;
+      if (++line_ == r.lines) {
+        line_ = 0;
+        if (++row_ == r.rows) {
+          row_ = 0;
+          ++range_;
+        }
+      }
+    }
+  }
+
+ private:
+  struct Range {
+    const char* base;
+    int64_t rows, stride, lines;
+  };
+  static constexpr int kMaxRanges = 5;
+  Range ranges_[kMaxRanges];
+  int count_ = 0, range_ = 0;
+  int64_t total_ = 0, issued_ = 0, row_ = 0, line_ = 0;
+};
 
 // Padded sizes of one problem: keys to a multiple of the vector length (padding keys are masked),
 // Dh to a multiple of the vector length (padding columns are zero and contribute nothing).
@@ -304,7 +330,9 @@ struct ForwardScratch {
 
 template <typename scalar_t, typename T>
 void forward_head(const AttentionProblem<scalar_t>& p, const Padded<T>& pad, int64_t b, int64_t h, const T* kt,
-                  const T* vs, int64_t ldv, scalar_t* out, T* lse, ForwardScratch<T>& w) {
+                  const T* vs, int64_t ldv, scalar_t* out, T* lse, ForwardScratch<T>& w, Prefetcher& next) {
+  const int64_t steps = p.lq * ((pad.lk + kKeyBlock - 1) / kKeyBlock);
+  int64_t step = 0;
   const int64_t dh = p.dh, dhp = pad.dh;
   key_bias(p.mask ? p.mask + b * p.lk : nullptr, p.lk, pad.lk, w.bias.data());
   const scalar_t* q = head_ptr(p.q, p.q_strides, b, h);
@@ -331,6 +359,7 @@ void forward_head(const AttentionProblem<scalar_t>& p, const Padded<T>& pad, int
       const T* bias = w.bias.data() + j0;
       for (int64_t i = 0; i < tq; ++i) {
         T* row = s + i * kKeyBlock;
+        next.advance(next.total() * ++step / steps);
         const T mx = std::max(w.m[i], scale_bias_max(row, scale, bias, kw));
         if (mx == T(-INFINITY)) {  // no key of this row so far: P row = 0, state unchanged
           std::fill(row, row + kw, T(0));
@@ -373,13 +402,15 @@ void forward_head(const AttentionProblem<scalar_t>& p, const Padded<T>& pad, int
 }
 
 template <typename scalar_t>
-void prefetch_inputs(const AttentionProblem<scalar_t>& p, int64_t b, int64_t h) {
-  prefetch_rows(head_ptr(p.q, p.q_strides, b, h), p.lq, p.q_strides.row, p.dh);
+void add_inputs(Prefetcher& pf, const AttentionProblem<scalar_t>& p, int64_t b, int64_t h) {
+  const int64_t e = sizeof(scalar_t);
+  pf.add(head_ptr(p.q, p.q_strides, b, h), p.lq, p.q_strides.row * e, p.dh * e);
   if (!p.kv_broadcast) {
-    prefetch_rows(head_ptr(p.k, p.k_strides, b, h), p.lk, p.k_strides.row, p.dh);
-    prefetch_rows(head_ptr(p.v, p.v_strides, b, h), p.lk, p.v_strides.row, p.dh);
+    pf.add(head_ptr(p.k, p.k_strides, b, h), p.lk, p.k_strides.row * e, p.dh * e);
+    pf.add(head_ptr(p.v, p.v_strides, b, h), p.lk, p.v_strides.row * e, p.dh * e);
   }
 }
+
 
 template <typename scalar_t>
 void forward(const AttentionProblem<scalar_t>& p, scalar_t* out, at::opmath_type<scalar_t>* lse) {
@@ -407,7 +438,8 @@ void forward(const AttentionProblem<scalar_t>& p, scalar_t* out, at::opmath_type
     ForwardScratch<T> w(pad, !p.kv_broadcast, v_in_place);
     for (int64_t bh = bh0; bh < bh1; ++bh) {
       const int64_t b = bh / p.heads, h = bh % p.heads;
-      if (bh + 1 < bh1) prefetch_inputs(p, (bh + 1) / p.heads, (bh + 1) % p.heads);
+      Prefetcher next;
+      if (bh + 1 < bh1) add_inputs(next, p, (bh + 1) / p.heads, (bh + 1) % p.heads);
       const T* kt;
       const T* vs;
       int64_t ldv = pad.dh;
@@ -427,7 +459,7 @@ void forward(const AttentionProblem<scalar_t>& p, scalar_t* out, at::opmath_type
         vs = reinterpret_cast<const T*>(head_ptr(p.v, p.v_strides, b, h));
         ldv = p.v_strides.row;
       }
-      forward_head(p, pad, b, h, kt, vs, ldv, out + bh * p.lq * p.dh, lse + bh * p.lq, w);
+      forward_head(p, pad, b, h, kt, vs, ldv, out + bh * p.lq * p.dh, lse + bh * p.lq, w, next);
     }
   });
 }
@@ -463,7 +495,9 @@ struct BackwardScratch {
 template <typename scalar_t, typename T>
 void backward_head(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_t>& io, const Padded<T>& pad,
                    int64_t b, int64_t h, const KeyLayouts<T>& keys, T* dk, T* dv, int64_t ld_dkv, bool direct,
-                   BackwardScratch<T>& w) {
+                   BackwardScratch<T>& w, Prefetcher& next) {
+  const int64_t steps = p.lq * ((pad.lk + kKeyBlock - 1) / kKeyBlock);
+  int64_t step = 0;
   const int64_t dh = p.dh, dhp = pad.dh;
   const int64_t bh = b * p.heads + h;
   const bool need_ds = io.grad_q != nullptr || dk != nullptr;
@@ -510,6 +544,7 @@ void backward_head(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_
       const T* bias = w.bias.data() + j0;
       for (int64_t i = 0; i < tq; ++i) {
         T* row = pm + i * kKeyBlock;
+        next.advance(next.total() * ++step / steps);
         const T l = w.lse[i];
         if (l == T(-INFINITY)) {  // a row without keys: no probability, no gradient
           std::fill(row, row + kw, T(0));
@@ -602,10 +637,12 @@ void backward(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_t>& i
       const int64_t bh1 = p.kv_broadcast ? (part + 1) * total / parts : part + 1;
       for (int64_t bh = bh0; bh < bh1; ++bh) {
         const int64_t b = bh / p.heads, h = bh % p.heads;
+        Prefetcher next;
         if (bh + 1 < bh1) {
-          prefetch_inputs(p, (bh + 1) / p.heads, (bh + 1) % p.heads);
-          prefetch_rows(io.grad_out + (bh + 1) * p.lq * p.dh, p.lq, p.dh, p.dh);
-          prefetch_rows(io.out + (bh + 1) * p.lq * p.dh, p.lq, p.dh, p.dh);
+          add_inputs(next, p, (bh + 1) / p.heads, (bh + 1) % p.heads);
+          const int64_t row_bytes = p.dh * static_cast<int64_t>(sizeof(scalar_t));
+          next.add(io.grad_out + (bh + 1) * p.lq * p.dh, p.lq, row_bytes, row_bytes);
+          next.add(io.out + (bh + 1) * p.lq * p.dh, p.lq, row_bytes, row_bytes);
         }
         KeyLayouts<T> keys;
         T* dk = nullptr;
@@ -643,7 +680,7 @@ void backward(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_t>& i
           keys.ks = reinterpret_cast<const T*>(head_ptr(p.k, p.k_strides, b, h));
           keys.ld_ks = p.k_strides.row;
         }
-        backward_head(p, io, pad, b, h, keys, dk, dv, ld_dkv, direct, w);
+        backward_head(p, io, pad, b, h, keys, dk, dv, ld_dkv, direct, w, next);
         if (!p.kv_broadcast && !direct) {
           if (need_k) store_rows(dk, p.lk, p.dh, pad.dh, io.grad_k + bh * p.lk * p.dh);
           if (need_v) store_rows(dv, p.lk, p.dh, pad.dh, io.grad_v + bh * p.lk * p.dh);
