@@ -129,6 +129,7 @@ cuda::AttentionDtype cuda_dtype(at::ScalarType dt) {
     default:
       TORCH_CHECK_TYPE(false, kOp, "on CUDA, q, k and v must be float32, bfloat16 or float16, got ", dt);
   }
+  return cuda::AttentionDtype::kFloat32;  // unreachable
 }
 
 // Shapes, pointers and strides for the framework-free launchers (last dimension contiguous).

@@ -22,7 +22,11 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> None:
-    """The shape rules of the C++ glue, for the fake (meta) kernels."""
+    """The shape and device rules of the C++ glue, for the fake (meta) kernels."""
+    if len({q.device, k.device, v.device}) > 1:
+        raise ValueError(f"{OP_NAME}: q, k and v must be on one device, got q on {q.device}, k on {k.device}, v on {v.device}")
+    if key_padding_mask is not None and key_padding_mask.device != q.device:
+        raise ValueError(f"{OP_NAME}: key_padding_mask must be on q's device {q.device}, got {key_padding_mask.device}")
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: f"{OP_NAME}: q, k and v must be 4-D")
     torch._check(k.shape[1] == q.shape[1] and v.shape[1] == q.shape[1], lambda: f"{OP_NAME}: q, k, v differ in heads")
     torch._check(k.shape[3] == q.shape[3] and v.shape[3] == q.shape[3], lambda: f"{OP_NAME}: q, k, v differ in head_dim")

@@ -1,0 +1,197 @@
+"""Concept attention forward+backward: the fused op against what a user would otherwise run.
+
+Variants, in one process on the same inputs (q (B, H, Lq, Dh), k, v (B or 1, H, Lk, Dh), a random
+key padding mask (B, Lk)):
+  io_floor   what every implementation pays in memory: read q, k, v, dO and write four fresh outputs
+             (out, dq, dk, dv; fresh pages are zeroed by the kernel on first touch)
+  gemm6      the six plain batched GEMMs of a materialised attention's forward+backward
+             (S = q k^T, O = P v, dV = P^T dO, dP = dO v^T, dQ = dS k, dK = dS^T q): the practical ceiling
+  fused      oclear_ext.concept_attention (keeps no attention matrix, recomputes it in the backward)
+  sdpa       torch.nn.functional.scaled_dot_product_attention, mask materialised as it needs it
+             ((B, 1, 1, Lk) bool, True = attend), a shared memory expanded (a view) to the batch
+  reference  oclear_ext.reference.concept_attention (plain PyTorch, materialised scores)
+"memory broadcast" rows give k, v batch 1 (the concept memory shared by the batch).
+
+    python benchmarks/bench_concept_attention.py            # the fusion's main shapes (~3 min on 2 cores)
+    python benchmarks/bench_concept_attention.py --full     # B in {256, 1024, 4096} x Lq {1, 32} x Lk {32, 64, 256}
+    python benchmarks/bench_concept_attention.py --device cuda --dtype bfloat16
+
+Writes benchmarks/results/concept_attention_<device>_<dtype>.json, .png and, with --log, the raw log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import oclear_ext  # noqa: E402
+from oclear_ext import reference  # noqa: E402
+
+# (B, Lq, Lk, broadcast): the target shape first, then the two attentions of ConceptAwareFusion
+# (text tokens x a 256-concept memory, image x its text tokens).
+DEFAULT_SHAPES = [
+    (1024, 32, 64, False),
+    (1024, 32, 64, True),
+    (1024, 32, 256, True),
+    (4096, 1, 32, False),
+    (256, 1, 64, False),
+]
+
+
+def make_variants(q, k, v, pad, grad_out):
+    b = q.shape[0]
+    scale = q.shape[-1] ** -0.5
+    attend = (~pad)[:, None, None, :]
+
+    def leaf(t):
+        return t.detach().requires_grad_(True)
+
+    ql, kl, vl = leaf(q), leaf(k), leaf(v)
+
+    def run(fn):
+        def call():
+            ql.grad = kl.grad = vl.grad = None
+            out = fn(ql, kl, vl)
+            out.backward(grad_out)
+            return out.detach()
+
+        return call
+
+    kx, vx = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
+    probs = torch.softmax(torch.randn(*q.shape[:3], k.shape[2], device=q.device, dtype=q.dtype), -1)
+
+    def gemm6():
+        s = torch.matmul(q, kx.transpose(-2, -1))
+        o = torch.matmul(probs, vx)
+        dv = torch.matmul(probs.transpose(-2, -1), grad_out)
+        dp = torch.matmul(grad_out, vx.transpose(-2, -1))
+        dq = torch.matmul(dp, kx)
+        dk = torch.matmul(dp.transpose(-2, -1), q)
+        return s, o, dv, dq, dk
+
+    def io_floor():
+        return q.clone(), q + grad_out, k.clone(), v.clone()
+
+    def clear_grads():
+        ql.grad = kl.grad = vl.grad = None
+
+    return clear_grads, {
+        "io_floor": io_floor,
+        "gemm6": gemm6,
+        "fused": run(lambda a, b_, c: oclear_ext.concept_attention(a, b_, c, pad)),
+        "sdpa": run(lambda a, b_, c: F.scaled_dot_product_attention(
+            a, b_.expand(b, -1, -1, -1), c.expand(b, -1, -1, -1), attn_mask=attend, scale=scale)),
+        "reference": run(lambda a, b_, c: reference.concept_attention(a, b_, c, pad)),
+    }
+
+
+def bench_shape(b, h, lq, lk, dh, broadcast, device, dtype, repeats):
+    g = torch.Generator().manual_seed(b + lq + lk)
+    kb = 1 if broadcast else b
+    q = torch.randn(b, h, lq, dh, generator=g).to(device, dtype)
+    k = torch.randn(kb, h, lk, dh, generator=g).to(device, dtype)
+    v = torch.randn(kb, h, lk, dh, generator=g).to(device, dtype)
+    pad = (torch.rand(b, lk, generator=g) < 0.3).to(device)
+    pad[:, 0] = False  # SDPA returns NaN for a row without keys; keep one key per row for the comparison
+    grad_out = torch.randn(b, h, lq, dh, generator=g).to(device, dtype)
+    clear_grads, variants = make_variants(q, k, v, pad, grad_out)
+    fused, sdpa = variants["fused"]().float(), variants["sdpa"]().float()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fused, sdpa, rtol=tol, atol=tol)  # never time something that computes another thing
+    timings = common.time_interleaved(variants, device, repeats)
+    flops = 12 * b * h * lq * lk * dh  # useful FLOPs of forward+backward (6 GEMMs, no recompute)
+    row = {"B": b, "H": h, "Lq": lq, "Lk": lk, "Dh": dh, "memory_broadcast": broadcast,
+           "max_abs_diff_fused_vs_sdpa": (fused - sdpa).abs().max().item(), "variants": {}}
+    grads_bytes = (q.numel() + k.numel() + v.numel()) * q.element_size()
+    for name, fn in variants.items():
+        t = timings[name]
+        clear_grads()  # gradients held from the timing would hide the new ones in the peak
+        extra = common.peak_extra_bytes(fn, device)
+        if name not in ("gemm6", "io_floor"):
+            extra = max(0, extra - grads_bytes)
+        row["variants"][name] = {"time": t, "peak_extra_bytes": extra, "useful_gflops": flops / t.median_s / 1e9}
+    med = {n: row["variants"][n]["time"].median_s for n in variants}
+    row["ratios"] = {"sdpa_over_fused": med["sdpa"] / med["fused"], "reference_over_fused": med["reference"] / med["fused"],
+                     "fused_over_gemm6": med["fused"] / med["gemm6"], "fused_over_io_floor": med["fused"] / med["io_floor"],
+                     "sdpa_over_io_floor": med["sdpa"] / med["io_floor"]}
+    print(f"B={b:5d} H={h} Lq={lq:3d} Lk={lk:4d} Dh={dh} {'shared' if broadcast else 'per-batch'} memory: "
+          + "  ".join(f"{n} {med[n] * 1e3:8.1f} ms [{timings[n].min_s * 1e3:.1f}, {timings[n].max_s * 1e3:.1f}]" for n in variants)
+          + f"  | sdpa/fused {row['ratios']['sdpa_over_fused']:.2f}  reference/fused {row['ratios']['reference_over_fused']:.2f}"
+          + f"  fused/gemm6 {row['ratios']['fused_over_gemm6']:.2f}  fused extra {row['variants']['fused']['peak_extra_bytes'] / 2**20:.0f} MiB"
+          + f"  sdpa extra {row['variants']['sdpa']['peak_extra_bytes'] / 2**20:.0f} MiB", flush=True)
+    return row
+
+
+def plot(rows, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"B={r['B']}\nLq={r['Lq']} Lk={r['Lk']}\n{'shared' if r['memory_broadcast'] else 'per-batch'}" for r in rows]
+    names = ["io_floor", "gemm6", "fused", "sdpa", "reference"]
+    fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(max(10, 2.2 * len(rows)), 4.8))
+    width = 0.16
+    for i, name in enumerate(names):
+        xs = [j + (i - 2) * width for j in range(len(rows))]
+        ax_t.bar(xs, [r["variants"][name]["time"].median_s * 1e3 for r in rows], width, label=name)
+    ax_t.set_yscale("log")
+    ax_t.set_ylabel("forward+backward, median (ms)")
+    ax_r.bar(range(len(rows)), [r["ratios"]["sdpa_over_fused"] for r in rows], 0.5, color="tab:green")
+    ax_r.axhline(2.0, color="gray", ls="--", lw=1, label="target 2x")
+    ax_r.set_ylabel("speed-up of fused over SDPA")
+    for ax in (ax_t, ax_r):
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--full", action="store_true", help="B in {256,1024,4096} x Lq {1,32} x Lk {32,64,256} x memory")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    shapes = (list(itertools.product([256, 1024, 4096], [1, 32], [32, 64, 256], [False, True])) if args.full
+              else DEFAULT_SHAPES)
+    env = common.environment(device)
+    if device.type == "cpu":
+        env["oclear_cpu_isa"] = torch.ops.oclear.concept_attention_cpu_isa()
+    print(f"concept attention benchmark: H={args.heads} Dh={args.head_dim} {dtype} on {env.get('gpu', env.get('cpu'))}, "
+          f"{env['threads']} threads, torch {env['torch']}, git {env['git']['commit'][:10]}"
+          + (f", kernels {env['oclear_cpu_isa']}" if device.type == "cpu" else ""), flush=True)
+    rows = [bench_shape(b, args.heads, lq, lk, args.head_dim, bc, device, dtype, args.repeats) for b, lq, lk, bc in shapes]
+    stem = f"concept_attention_{device.type}_{str(dtype).removeprefix('torch.')}{args.tag}"
+    payload = {"benchmark": "concept_attention", "environment": env, "dtype": str(dtype), "repeats": args.repeats,
+               "rows": rows}
+    json_path = common.write_json(stem + ".json", payload)
+    png_path = os.path.join(common.RESULTS_DIR, stem + ".png")
+    plot(rows, png_path, f"concept attention fwd+bwd, H={args.heads}, Dh={args.head_dim}, {dtype}, {env.get('gpu', env.get('cpu'))}")
+    print(f"wrote {json_path}\nwrote {png_path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
