@@ -55,7 +55,7 @@ def plot_curves(curves: dict[str, list[float]], path: Path) -> None:
                   for i in range(len(losses))]
         ax.plot(range(1, len(losses) + 1), smooth, label=name)
     ax.set_xlabel("step")
-    ax.set_ylabel(f"training loss (moving average)")
+    ax.set_ylabel("training loss (moving average)")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
                "seconds": time.perf_counter() - t0}
     (out / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\nheld-out emoji ({rows['untrained']['queries']} twitter queries -> google image + text docs)\n{table}")
-    print(f"training throughput (samples/s): " + ", ".join(f"{k} {v:.0f}" for k, v in throughput.items()))
+    print("training throughput (samples/s): " + ", ".join(f"{k} {v:.0f}" for k, v in throughput.items()))
     print(f"wrote {out / 'metrics.json'}, {out / 'retrieval.png'}, {out / 'training_curve.png'} "
           f"({payload['seconds']:.0f} s)")
     return payload

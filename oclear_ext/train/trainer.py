@@ -31,6 +31,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import resolve_manifest
 from .evaluation import evaluate_model
+from .sampler import RankBatchSampler
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
@@ -130,7 +131,7 @@ def train(config: TrainConfig) -> dict:
         dataset.class_index.save(out / "classes.json")
     weights = torch.tensor([it.weight for it in (dataset.manifest.items[p] for p in dataset.positions)]) \
         if config.weighted_sampling else None
-    sampler = _batch_sampler(config, len(dataset), rank, world, weights)
+    sampler = RankBatchSampler(len(dataset), config.batch_size, rank, world, config.seed, weights)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=config.num_workers)
     steps_per_epoch = len(sampler)
@@ -214,12 +215,6 @@ def train(config: TrainConfig) -> dict:
     if rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return {**summary, "losses": losses, "model": model}
-
-
-def _batch_sampler(config: TrainConfig, num_rows: int, rank: int, world: int, weights):
-    from .sampler import RankBatchSampler
-
-    return RankBatchSampler(num_rows, config.batch_size, rank, world, config.seed, weights)
 
 
 def _progress(config: TrainConfig, rank: int, total: int, initial: int):
