@@ -114,3 +114,16 @@ def test_config_file_and_flags_combine(tmp_path):
 def test_missing_manifest_is_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest .*nope.jsonl does not exist"):
         train(tiny(str(tmp_path / "nope.jsonl"), tmp_path))
+
+
+@pytest.mark.slow
+def test_demo_runs_as_a_console_script_and_writes_its_outputs(tmp_path):
+    # sys.exit(main()) is what the oclear-demo console script does: a non-None return would fail it.
+    code = ("import sys; from oclear_ext.train.demo import main; sys.exit(main(['--out', sys.argv[1], "
+            "'--image-encoder', 'small-cnn', '--epochs', '1', '--max-steps', '2', '--batch-size', '32']))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "held-out emoji (579 twitter queries" in proc.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    assert set(metrics) == {"untrained", "image-only docs", "concept fusion"}
+    assert (tmp_path / "retrieval.png").stat().st_size > 0 and (tmp_path / "training_curve.png").stat().st_size > 0

@@ -31,7 +31,7 @@ class TrainConfig:
     num_concepts: int = 64
     num_heads: int = 4
     image_size: int = 32
-    text_dropout: float = 0.5               # training: a doc's text is dropped with this probability
+    text_dropout: float = 0.8               # training: a doc's text is dropped with this probability
     # classifier
     scale: float = 32.0
     margin: tuple[float, float, float] = (1.0, 0.0, 0.3)

@@ -63,7 +63,8 @@ def plot_curves(curves: dict[str, list[float]], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
+    """Runs the demo; returns what it writes to metrics.json."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="oclear-demo-output", help="output folder")
     parser.add_argument("--epochs", type=int, default=6)
@@ -110,6 +111,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"wrote {out / 'metrics.json'}, {out / 'retrieval.png'}, {out / 'training_curve.png'} "
           f"({payload['seconds']:.0f} s)")
     return payload
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The oclear-demo console script (returns None: a console script's return value becomes its exit status)."""
+    run(argv)
 
 
 if __name__ == "__main__":
