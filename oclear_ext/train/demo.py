@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..eval.cli import run_info
 from ..eval.report import draw_grid
 from ..models import ModelConfig, OclearModel
 from ..models.registry import IMAGE_ENCODERS
@@ -103,8 +104,8 @@ def run(argv: list[str] | None = None) -> dict:
     plot_curves(curves, out / "training_curve.png")
     payload = {"metrics": {name: r.metrics for name, r in results.items()}, "train_samples_per_s": throughput,
                "image_encoder": args.image_encoder, "epochs": args.epochs, "batch_size": args.batch_size,
-               "seed": args.seed,
-               "seconds": time.perf_counter() - t0}
+               "seed": args.seed, "seconds": time.perf_counter() - t0, "threads": torch.get_num_threads(),
+               "run": run_info()}
     (out / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\nheld-out emoji ({rows['untrained']['queries']} twitter queries -> google image + text docs)\n{table}")
     print("training throughput (samples/s): " + ", ".join(f"{k} {v:.0f}" for k, v in throughput.items()))
