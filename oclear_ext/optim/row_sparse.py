@@ -26,6 +26,7 @@ Lazy semantics (documented contract, tested):
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Iterable
 
@@ -59,8 +60,11 @@ def _check_hyper(name: str, **values: float) -> None:
             raise ValueError(f"{name}: {key} must be a finite number >= 0, got {value!r}")
 
 
-class _RowSparseOptimizer(torch.optim.Optimizer):
-    """Shared bookkeeping: the step counter, the per-row step of the last touch, gather workspaces."""
+class _RowSparseOptimizer(torch.optim.Optimizer, abc.ABC):
+    """Shared bookkeeping: the step counter, the per-row step of the last touch, gather workspaces.
+
+    Abstract: RowSparseSGD and RowSparseAdamW define the state (_init_state) and the update (_update).
+    """
 
     _NAME = "row-sparse optimizer"
 
@@ -77,8 +81,9 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         state["step"] += 1
         return state, state["step"]
 
+    @abc.abstractmethod
     def _init_state(self, param: Tensor, state: dict) -> None:
-        raise NotImplementedError
+        """Creates the optimizer's per-parameter buffers in `state` (first step)."""
 
     @staticmethod
     def _skipped(state: dict, rows: Tensor | None, step: int) -> Tensor | None:
@@ -129,8 +134,9 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
                 self._update(param, grad, rows, skipped, state, step, group)
         return loss
 
+    @abc.abstractmethod
     def _update(self, param, grad, rows, skipped, state, step, group) -> None:
-        raise NotImplementedError
+        """Applies one step to `rows` of `param` (all rows when rows is None); skipped: steps each row missed."""
 
 
 class RowSparseSGD(_RowSparseOptimizer):

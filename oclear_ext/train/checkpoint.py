@@ -1,12 +1,12 @@
 """Training checkpoints: model + sharded classifier + optimizers + schedulers + RNG, atomic, re-shardable.
 
-Layout of <run>/checkpoints/step-XXXXXXXX/:
+Layout of <run>/checkpoints/step-<step, 8 digits>/ (e.g. step-00001200/):
     state.pt              model, model optimizer, schedulers, the classifier optimizer's non-row state and
                           param groups, trainer position (step, epoch, batch in epoch), config (rank 0)
     rank-<r>.pt           RNG states of rank r (torch, CUDA, the negative sampler's generator)
     classifier/           oclear_ext.distributed.save_sharded: the class weights and every per-row optimizer
                           tensor (momentum, moments, last touch), one file per rank, re-shardable on load
-The folder is written as step-XXXXXXXX.tmp and renamed into place, and <run>/checkpoints/latest (the
+The folder is written as step-<step>.tmp and renamed into place, and <run>/checkpoints/latest (the
 name of the newest complete checkpoint) is replaced atomically after it: a crash mid-save leaves the
 previous checkpoint and `latest` intact.
 """
