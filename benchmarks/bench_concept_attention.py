@@ -186,10 +186,8 @@ def main(argv=None):
     stem = f"concept_attention_{device.type}_{str(dtype).removeprefix('torch.')}{args.tag}"
     payload = {"benchmark": "concept_attention", "environment": env, "dtype": str(dtype), "repeats": args.repeats,
                "rows": rows}
-    json_path = common.write_json(stem + ".json", payload)
-    png_path = os.path.join(common.RESULTS_DIR, stem + ".png")
-    plot(rows, png_path, f"concept attention fwd+bwd, H={args.heads}, Dh={args.head_dim}, {dtype}, {env.get('gpu', env.get('cpu'))}")
-    print(f"wrote {json_path}\nwrote {png_path}")
+    title = f"concept attention fwd+bwd, H={args.heads}, Dh={args.head_dim}, {dtype}, {env.get('gpu', env.get('cpu'))}"
+    common.write_results(stem, payload, lambda path: plot(rows, path, title))
     return payload
 
 

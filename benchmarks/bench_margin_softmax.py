@@ -327,10 +327,8 @@ def main(argv: list[str] | None = None) -> dict:
     stem = f"margin_softmax_{device.type}_{str(dtype).removeprefix('torch.')}{args.tag}"
     payload = {"benchmark": "margin_softmax", "environment": env, "dtype": str(dtype), "repeats": args.repeats,
                "rows": rows, "time_exponent_in_C": exponents}
-    json_path = common.write_json(stem + ".json", payload, results_dir=args.out)
-    png_path = os.path.join(args.out, stem + ".png")
-    plot(rows, png_path, f"margin softmax fwd+bwd, N={args.n}, D={args.d}, {dtype}, {env.get('gpu', env.get('cpu'))}")
-    print(f"wrote {json_path}\nwrote {png_path}")
+    title = f"margin softmax fwd+bwd, N={args.n}, D={args.d}, {dtype}, {env.get('gpu', env.get('cpu'))}"
+    common.write_results(stem, payload, lambda path: plot(rows, path, title), results_dir=args.out)
     return payload
 
 

@@ -176,11 +176,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"{env['threads']} threads, torch {env['torch']}, git {env['git']['commit'][:10]}", flush=True)
     rows = [bench_size(args.n, args.d, c, device, dtype, args.repeats) for c in sorted(args.sizes)]
     stem = f"margin_softmax_sampling_{device.type}_{args.dtype}{args.tag}"
-    json_path = common.write_json(stem + ".json", {"benchmark": "margin_softmax_sampling", "environment": env,
-                                                   "dtype": args.dtype, "repeats": args.repeats, "rows": rows})
-    png_path = os.path.join(common.RESULTS_DIR, stem + ".png")
-    plot(rows, png_path, f"margin softmax train step with sampling, N={args.n}, D={args.d}, {args.dtype}")
-    print(f"wrote {json_path}\nwrote {png_path}")
+    payload = {"benchmark": "margin_softmax_sampling", "environment": env, "dtype": args.dtype,
+               "repeats": args.repeats, "rows": rows}
+    title = f"margin softmax train step with sampling, N={args.n}, D={args.d}, {args.dtype}"
+    common.write_results(stem, payload, lambda path: plot(rows, path, title))
     return rows
 
 

@@ -167,3 +167,11 @@ def write_json(name: str, payload: dict, results_dir: str = RESULTS_DIR) -> str:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
     return path
+
+
+def write_results(stem: str, payload: dict, draw: Callable[[str], None], results_dir: str = RESULTS_DIR) -> None:
+    """results_dir/<stem>.json (the payload) and results_dir/<stem>.png (draw(path)), and says where."""
+    json_path = write_json(stem + ".json", payload, results_dir)
+    png_path = os.path.join(results_dir, stem + ".png")
+    draw(png_path)
+    print(f"wrote {json_path}\nwrote {png_path}")

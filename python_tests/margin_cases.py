@@ -61,3 +61,23 @@ def natural_atols(x, w, scale, eps):
     x_inv = 1.0 / x.double().norm(dim=1).min().clamp_min(1e-12).item() if x.numel() else 1.0
     w_inv = 1.0 / w.double().norm(dim=1).min().clamp_min(1e-12).item()
     return (eps * scale, eps * scale * x_inv, eps * scale * n * w_inv)
+
+
+def check_compile_matches_eager(device: torch.device | str) -> None:
+    """torch.compile(fullgraph=True) of a function around the loss gives the eager loss and gradients."""
+    x, w, labels = make_inputs(16, 40, 8, dtype=torch.float32, seed=5, ignore_fraction=0.2)
+    x, w, labels = x.to(device), w.to(device), labels.to(device)
+
+    def loss_fn(x_, w_, labels_):
+        return oclear_ext.margin_softmax_loss(torch.tanh(x_), w_, labels_, margin=ARCFACE, scale=32.0) * 2.0
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    xe, we = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    xc, wc = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    eager_loss = loss_fn(xe, we, labels)
+    compiled_loss = compiled(xc, wc, labels)
+    eager_loss.backward()
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    torch.testing.assert_close(xc.grad, xe.grad)
+    torch.testing.assert_close(wc.grad, we.grad)

@@ -15,7 +15,8 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from cuda_cases import DEVICE, class_chunk, skip_without_device
-from margin_cases import ARCFACE, COMBINED, COSFACE, MARGINS, SPHEREFACE, make_inputs, natural_atols
+from margin_cases import (ARCFACE, COMBINED, COSFACE, MARGINS, SPHEREFACE, check_compile_matches_eager, make_inputs,
+                          natural_atols)
 
 import oclear_ext
 from oclear_ext import reference
@@ -299,22 +300,7 @@ def test_opcheck(dtype):
 
 @pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager():
-    x, w, labels = make_inputs(16, 40, 8, dtype=torch.float32, seed=5, ignore_fraction=0.2)
-    x, w, labels = x.to(DEVICE), w.to(DEVICE), labels.to(DEVICE)
-
-    def loss_fn(x_, w_, labels_):
-        return oclear_ext.margin_softmax_loss(torch.tanh(x_), w_, labels_, margin=ARCFACE, scale=32.0) * 2.0
-
-    compiled = torch.compile(loss_fn, fullgraph=True)
-    xe, we = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    xc, wc = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    eager_loss = loss_fn(xe, we, labels)
-    compiled_loss = compiled(xc, wc, labels)
-    eager_loss.backward()
-    compiled_loss.backward()
-    torch.testing.assert_close(compiled_loss, eager_loss)
-    torch.testing.assert_close(xc.grad, xe.grad)
-    torch.testing.assert_close(wc.grad, we.grad)
+    check_compile_matches_eager(DEVICE)
 
 
 def test_module_on_device_matches_cpu():

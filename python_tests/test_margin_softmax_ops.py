@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from margin_cases import ARCFACE, COMBINED, make_inputs
+from margin_cases import ARCFACE, COMBINED, check_compile_matches_eager, make_inputs
 
 import oclear_ext
 from oclear_ext._ops.margin_softmax import MarginSettings
@@ -60,18 +60,4 @@ def test_blocks_compose_into_the_full_loss():
 
 @pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager():
-    x, w, labels = make_inputs(16, 40, 8, dtype=torch.float32, seed=5, ignore_fraction=0.2)
-
-    def loss_fn(x_, w_, labels_):
-        return oclear_ext.margin_softmax_loss(torch.tanh(x_), w_, labels_, margin=ARCFACE, scale=32.0) * 2.0
-
-    compiled = torch.compile(loss_fn, fullgraph=True)
-    xe, we = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    xc, wc = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    eager_loss = loss_fn(xe, we, labels)
-    compiled_loss = compiled(xc, wc, labels)
-    eager_loss.backward()
-    compiled_loss.backward()
-    torch.testing.assert_close(compiled_loss, eager_loss)
-    torch.testing.assert_close(xc.grad, xe.grad)
-    torch.testing.assert_close(wc.grad, we.grad)
+    check_compile_matches_eager("cpu")

@@ -81,6 +81,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(args.seed)
     results, curves, throughput = {}, {}, {}
+    print("evaluating: untrained model", flush=True)
     results["untrained"], _ = evaluate_on_manifest(OclearModel(ModelConfig(image_encoder=args.image_encoder)), heldout)
     trained = {}
     for name, fusion in (("image-only docs", False), ("concept fusion", True)):
