@@ -96,3 +96,48 @@ def test_cache_without_freeze_is_rejected():
 
     with pytest.raises(ValueError, match="cache=True needs freeze=True"):
         EfficientNetLite0(freeze=False, cache=True)
+
+
+def test_text_dropout_and_text_embeddings_of_a_training_batch(model):
+    images = torch.rand(4, 3, 32, 32)
+    is_query = torch.tensor([False, False, True, False])
+    texts = ["grinning face", "red apple", "query text is never read", None]
+    keep = torch.tensor([True, False, True, True])
+    out, text_emb, has_text = model(images, texts, is_query, text_keep=keep, return_text=True)
+    assert has_text.tolist() == [True, True, False, False]  # docs with text, kept or dropped
+    torch.testing.assert_close(text_emb[has_text].norm(dim=1), torch.ones(2))
+    assert (text_emb[~has_text] == 0).all()
+    # A dropped text leaves exactly the image-only doc; a kept one is the fused doc.
+    torch.testing.assert_close(out[1], model.embed_docs(images[1:2], [None])[0])
+    torch.testing.assert_close(out[0], model.embed_docs(images[0:1], texts[0:1])[0])
+
+
+def test_minilm_text_encoder_pads_textless_docs_caches_and_stays_out_of_the_checkpoint(monkeypatch):
+    from oclear_ext.models.minilm import MiniLMTextEncoder
+
+    encoder = MiniLMTextEncoder(dim=16, max_tokens=8)
+    tokens, padding = encoder(["a grinning cat face with tears of joy and more words", None, "", "red apple"])
+    assert tokens.shape == (4, 8, 16) and padding.shape == (4, 8)
+    assert padding[1].all() and padding[2].all()
+    assert not padding[0].any()  # cut to max_tokens word pieces, [CLS] and [SEP] included
+    assert (~padding[3]).sum().item() == 4  # [CLS] red apple [SEP]
+    assert set(encoder.state_dict()) == {"project.weight", "project.bias", "norm.weight", "norm.bias"}
+    assert sum(p.numel() for p in encoder.parameters()) == 384 * 16 + 16 + 2 * 16
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cached text ran through MiniLM again")
+
+    monkeypatch.setattr(encoder, "_run", refuse)
+    again, _ = encoder(["red apple"])
+    torch.testing.assert_close(again[0, :4], tokens[3, :4])
+    with pytest.raises(ValueError, match="cache=True needs freeze=True"):
+        MiniLMTextEncoder(dim=16, freeze=False, cache=True)
+
+
+def test_minilm_model_docs_without_text_equal_the_image_path():
+    torch.manual_seed(0)
+    m = OclearModel(ModelConfig(dim=32, num_concepts=8, num_heads=4, text_encoder="minilm")).eval()
+    images = torch.rand(2, 3, 32, 32)
+    v = torch.nn.functional.normalize(m.doc_head(m.encoder(images)), dim=1)
+    torch.testing.assert_close(m.embed_docs(images, [None, ""]), v)
+    assert m.embed_docs(images, ["grinning face", "red apple"]).shape == (2, 32)

@@ -90,6 +90,8 @@ def test_two_processes_train_and_the_checkpoint_loads_at_world_size_one(manifest
     (["--negatives", "topk:-1"], "negatives must be none, topk:K"),
     (["--optimizer", "lamb"], "optimizer must be one of"),
     (["--dim", "30", "--num-heads", "4"], "dim = 30 must be divisible by num_heads = 4"),
+    (["--text-loss-weight", "-1"], "text_loss_weight must be a finite number >= 0, got -1.0"),
+    (["--text-encoder", "bert"], "text_encoder must be one of"),
 ])
 def test_bad_flags_are_reported(argv, match, capsys):
     with pytest.raises(SystemExit):
@@ -127,3 +129,34 @@ def test_demo_runs_as_a_console_script_and_writes_its_outputs(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
     assert set(metrics) == {"untrained", "image-only docs", "concept fusion"}
     assert (tmp_path / "retrieval.png").stat().st_size > 0 and (tmp_path / "training_curve.png").stat().st_size > 0
+
+
+def test_text_loss_trains_the_text_path_and_never_moves_the_class_weights():
+    from oclear_ext.models import ModelConfig, OclearModel
+    from oclear_ext.nn import ShardedMarginClassifier
+    from oclear_ext.train.trainer import batch_loss
+
+    torch.manual_seed(0)
+    model = OclearModel(ModelConfig(dim=16, num_concepts=4, num_heads=2))
+    classifier = ShardedMarginClassifier(5, 16, scale=16.0)
+    images = torch.rand(6, 3, 32, 32)
+    texts = [None, "red apple", "green pear", None, "blue sky", ""]
+    is_query = torch.tensor([True, False, False, True, False, False])
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    keep = torch.tensor([True, False, True, True, False, True])  # one doc keeps its text, two drop it
+
+    def grads(weight: float) -> dict:
+        model.zero_grad(set_to_none=True)
+        classifier.zero_grad(set_to_none=True)
+        loss, backward = batch_loss(model, classifier, images, texts, is_query, labels, keep, weight)
+        backward()
+        named = {"classifier": classifier.weight.grad.clone()}
+        named.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        return named
+
+    without, with_text = grads(0.0), grads(1.0)
+    assert classifier.weight.requires_grad  # restored after the text loss
+    torch.testing.assert_close(with_text["classifier"], without["classifier"])  # text rows move no class
+    attention = "fusion.text_to_concepts.q_proj.weight"
+    assert attention in with_text and not torch.allclose(with_text[attention], without[attention])
+    assert "fusion.concepts" in with_text and with_text["text_encoder.embed.weight"].abs().sum() > 0

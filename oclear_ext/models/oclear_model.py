@@ -82,13 +82,20 @@ class OclearModel(nn.Module):
         tokens, padding = self.text_encoder(texts)
         return self.fusion(v, tokens, padding)
 
-    def forward(self, images: Tensor, texts: Sequence[str | None], is_query: Tensor) -> Tensor:
+    def forward(self, images: Tensor, texts: Sequence[str | None], is_query: Tensor, text_keep: Tensor | None = None,
+                return_text: bool = False) -> Tensor | tuple[Tensor, Tensor, Tensor]:
         """A mixed batch (training): rows with is_query (B,) bool take the query path, the others the doc path.
 
-        The encoder runs once over all images; text is read for doc rows only.
+        The encoder runs once over all images; text is read for doc rows only. text_keep (B,) bool (default
+        all): doc rows whose text joins their embedding; the others are embedded image-only, exactly
+        (text dropout). return_text=True also returns the text embeddings normalize(c) (B, D) of every doc
+        with text, kept or not (zero rows elsewhere), and which rows have one (B,) bool: trained to classify
+        on their own, they make the text path learn what a title says about the class.
         """
         features = self.encoder(images)
         out = torch.empty(images.shape[0], self.config.dim, device=images.device, dtype=features.dtype)
+        text_emb = torch.zeros_like(out)
+        has_text = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
         q = is_query.nonzero().squeeze(1)
         d = (~is_query).nonzero().squeeze(1)
         if q.numel():
@@ -99,9 +106,14 @@ class OclearModel(nn.Module):
                 docs = F.normalize(v, dim=1)
             else:
                 tokens, padding = self.text_encoder([texts[i] for i in d.tolist()])
-                docs = self.fusion(v, tokens, padding)
+                c = self.fusion.read_text(v, tokens, padding)
+                keep = torch.ones(d.numel(), 1, device=v.device) if text_keep is None else text_keep[d, None].to(v.dtype)
+                docs, _ = self.fusion.mix(v, c * keep)  # a dropped text: c = 0, the image-only doc exactly
+                present = ~padding.all(dim=1)
+                text_emb[d[present]] = F.normalize(c[present], dim=1).to(out.dtype)
+                has_text[d[present]] = True
             out[d] = docs.to(out.dtype)
-        return out
+        return (out, text_emb, has_text) if return_text else out
 
     def config_dict(self) -> dict:
         return asdict(self.config)

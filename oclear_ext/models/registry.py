@@ -7,7 +7,7 @@ from torch import nn
 from .encoders import HashingTextEncoder, SmallCNN
 
 IMAGE_ENCODERS = ("small-cnn", "efficientnet-lite0")
-TEXT_ENCODERS = ("hashing",)
+TEXT_ENCODERS = ("hashing", "minilm")
 
 
 def build_image_encoder(name: str) -> nn.Module:
@@ -25,4 +25,8 @@ def build_text_encoder(name: str, dim: int) -> nn.Module:
     """A text encoder: texts -> (tokens (B, L, dim), padding mask (B, L), True = padding)."""
     if name == "hashing":
         return HashingTextEncoder(dim)
+    if name == "minilm":
+        from .minilm import MiniLMTextEncoder
+
+        return MiniLMTextEncoder(dim)
     raise ValueError(f"unknown text encoder {name!r}; expected one of {TEXT_ENCODERS}")

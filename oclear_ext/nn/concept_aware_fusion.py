@@ -52,6 +52,11 @@ class ConceptAwareFusion(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """image_emb (B, D), text_tokens (B, L, D), text_padding_mask (B, L) bool (True = padding) ->
         doc_emb (B, D), L2-normalised; with return_gate, also the gate values g (B,)."""
+        doc, g = self.mix(image_emb, self.read_text(image_emb, text_tokens, text_padding_mask))
+        return (doc, g) if return_gate else doc
+
+    def read_text(self, image_emb: Tensor, text_tokens: Tensor, text_padding_mask: Tensor | None = None) -> Tensor:
+        """c (B, D): what the image reads from its concept-grounded text; exactly 0 for a document without text."""
         if image_emb.dim() != 2 or image_emb.shape[1] != self.dim:
             raise ValueError(f"ConceptAwareFusion: image_emb must have shape (B, {self.dim}), got {tuple(image_emb.shape)}")
         if text_tokens.dim() != 3 or text_tokens.shape[0] != image_emb.shape[0] or text_tokens.shape[2] != self.dim:
@@ -68,8 +73,10 @@ class ConceptAwareFusion(nn.Module):
             )
         memory = self.concepts.unsqueeze(0)  # (1, K, D): one memory for the whole batch
         grounded = self.text_norm(text_tokens + self.text_to_concepts(text_tokens, memory, memory))
-        c = self.image_to_text(image_emb.unsqueeze(1), grounded, grounded, text_padding_mask).squeeze(1)  # (B, D)
+        return self.image_to_text(image_emb.unsqueeze(1), grounded, grounded, text_padding_mask).squeeze(1)
+
+    def mix(self, image_emb: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """(normalize(v + g * W c) (B, D), gate g (B,)) from the image embedding v and the text read c."""
         context = self.context(c)
         g = torch.sigmoid(self.gate(torch.cat([image_emb, context], dim=1)))  # (B, 1)
-        doc = F.normalize(image_emb + g * self.dropout(context), dim=1)
-        return (doc, g.squeeze(1)) if return_gate else doc
+        return F.normalize(image_emb + g * self.dropout(context), dim=1), g.squeeze(1)

@@ -32,6 +32,7 @@ class TrainConfig:
     num_heads: int = 4
     image_size: int = 32
     text_dropout: float = 0.8               # training: a doc's text is dropped with this probability
+    text_loss_weight: float = 1.0           # fusion: weight of the text loss (docs' text read classifies; 0 = off)
     # classifier
     scale: float = 32.0
     margin: tuple[float, float, float] = (1.0, 0.0, 0.3)
@@ -72,7 +73,7 @@ class TrainConfig:
                 raise ValueError(f"config: {name} must be an integer >= 0, got {value!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise ValueError(f"config: max_steps must be a positive integer or unset, got {self.max_steps!r}")
-        for name in ("lr", "momentum", "weight_decay", "scale"):
+        for name in ("lr", "momentum", "weight_decay", "scale", "text_loss_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"config: {name} must be a finite number >= 0, got {value!r}")

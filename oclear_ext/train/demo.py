@@ -5,12 +5,14 @@ drawing of an emoji (twitter), the catalogue item is another vendor's drawing (g
 and keywords, and a class is an emoji. Training uses the training emoji (twitter and openmoji drawings as
 queries, google drawings + text as docs); evaluation uses held-out emoji never seen in training.
 
-The image encoder is ImageNet EfficientNet-Lite0 from PyPI (frozen, features cached: the CPU trains the heads,
-the fusion and the classifier); --image-encoder small-cnn trains a small CNN from scratch instead.
-Three models, same architecture and data, measured in this run:
+The encoders are ImageNet EfficientNet-Lite0 and all-MiniLM-L6-v2 from PyPI (frozen, features cached: the
+CPU trains the heads, the fusion and the classifier); --image-encoder small-cnn / --text-encoder hashing train
+small encoders from scratch instead. Three models, same architecture and data, measured in this run, each
+with --seeds seeds (the table shows mean +- sd over them):
   untrained           random weights (what the numbers would be without learning)
   image-only docs     trained, documents embedded from the image alone (fusion off)
-  concept fusion      trained, documents fuse image and text with concept-aware attention (DESIGN section 6)
+  concept fusion      trained, documents fuse image and text with concept-aware attention (DESIGN section 6),
+                      with text dropout and the text loss (the text read alone classifies, class weights fixed)
 Writes metrics.json, retrieval.png (queries with their top-5 docs), training_curve.png into --out.
 """
 
@@ -26,7 +28,7 @@ import torch
 from ..eval.cli import run_info
 from ..eval.report import draw_grid
 from ..models import ModelConfig, OclearModel
-from ..models.registry import IMAGE_ENCODERS
+from ..models.registry import IMAGE_ENCODERS, TEXT_ENCODERS
 from .config import TrainConfig
 from .data import resolve_manifest
 from .evaluation import evaluate_on_manifest
@@ -35,11 +37,25 @@ from .trainer import train
 COLUMNS = ("R@1", "R@5", "R@10", "mAP@10")
 
 
+def summarise(per_seed: list[dict]) -> dict:
+    """Mean and sample standard deviation over seeds of each metric in COLUMNS."""
+    out = {}
+    for c in COLUMNS:
+        values = torch.tensor([m[c] for m in per_seed], dtype=torch.float64)
+        out[c] = values.mean().item()
+        out[c + " sd"] = values.std().item() if len(values) > 1 else 0.0
+    return out
+
+
 def format_rows(rows: dict[str, dict]) -> str:
-    header = f"{'model':<22}" + "".join(f"{c:>9}" for c in COLUMNS)
+    """One line per model: mean (and +- sd over seeds when there are several) of each metric."""
+    with_sd = any(m[c + " sd"] > 0 for m in rows.values() for c in COLUMNS)
+    width = 16 if with_sd else 9
+    header = f"{'model':<18}" + "".join(f"{c:>{width}}" for c in COLUMNS)
     lines = [header, "-" * len(header)]
     for name, m in rows.items():
-        lines.append(f"{name:<22}" + "".join(f"{m[c]:>9.4f}" for c in COLUMNS))
+        cells = [f"{m[c]:.4f} +- {m[c + ' sd']:.3f}" if with_sd else f"{m[c]:.4f}" for c in COLUMNS]
+        lines.append(f"{name:<18}" + "".join(f"{cell:>{width}}" for cell in cells))
     return "\n".join(lines)
 
 
@@ -70,8 +86,12 @@ def run(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="oclear-demo-output", help="output folder")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--image-encoder", default="efficientnet-lite0", choices=IMAGE_ENCODERS)
+    parser.add_argument("--text-encoder", default="minilm", choices=TEXT_ENCODERS)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="first seed")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="train and evaluate each model with this many seeds (seed, seed + 1, ...); the table "
+                             "shows mean +- sd: one seed's R@1 moves by about 2 points on 579 queries")
     parser.add_argument("--max-steps", type=int, default=None, help="cap on training steps per model (smoke runs)")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -79,37 +99,47 @@ def run(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     heldout = resolve_manifest("builtin:emoji", "heldout", out / "data")
 
-    torch.manual_seed(args.seed)
-    results, curves, throughput = {}, {}, {}
-    print("evaluating: untrained model", flush=True)
-    results["untrained"], _ = evaluate_on_manifest(OclearModel(ModelConfig(image_encoder=args.image_encoder)), heldout)
-    trained = {}
-    for name, fusion in (("image-only docs", False), ("concept fusion", True)):
-        print(f"training: {name}", flush=True)
-        config = TrainConfig(out_dir=str(out / ("run-fusion" if fusion else "run-image-only")), fusion=fusion,
-                             image_encoder=args.image_encoder, epochs=args.epochs, batch_size=args.batch_size,
-                             seed=args.seed,
-                             max_steps=args.max_steps, log_every=10)
-        summary = train(config)
-        trained[name] = summary["model"]
-        curves[name] = summary["losses"]
-        throughput[name] = summary["samples_per_s"]
-        results[name], manifest = evaluate_on_manifest(summary["model"], heldout)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    names = ("untrained", "image-only docs", "concept fusion")
+    per_seed: dict[str, list] = {name: [] for name in names}
+    curves, throughput = {}, {name: [] for name in names[1:]}
+    for seed in seeds:
+        torch.manual_seed(seed)
+        print(f"seed {seed}: evaluating the untrained model", flush=True)
+        untrained = OclearModel(ModelConfig(image_encoder=args.image_encoder, text_encoder=args.text_encoder))
+        per_seed["untrained"].append(evaluate_on_manifest(untrained, heldout)[0])
+        for name, fusion in (("image-only docs", False), ("concept fusion", True)):
+            print(f"seed {seed}: training {name}", flush=True)
+            config = TrainConfig(out_dir=str(out / f"run-{'fusion' if fusion else 'image-only'}-seed{seed}"),
+                                 fusion=fusion, image_encoder=args.image_encoder, text_encoder=args.text_encoder,
+                                 epochs=args.epochs, batch_size=args.batch_size, seed=seed,
+                                 max_steps=args.max_steps, log_every=10)
+            summary = train(config)
+            curves.setdefault(name, summary["losses"])  # the first seed's curve
+            throughput[name].append(summary["samples_per_s"])
+            result, manifest = evaluate_on_manifest(summary["model"], heldout)
+            per_seed[name].append(result)
 
-    rows = {name: r.metrics["instance"] for name, r in results.items()}
+    rows = {name: summarise([r.metrics["instance"] for r in results]) for name, results in per_seed.items()}
     table = format_rows(rows)
     q_items = [manifest.items[i] for i in manifest.indices("query")]
     d_items = [manifest.items[i] for i in manifest.indices("doc")]
-    draw_grid(results["concept fusion"], [it.image for it in q_items], [it.image for it in d_items],
+    draw_grid(per_seed["concept fusion"][0], [it.image for it in q_items], [it.image for it in d_items],
               out / "retrieval.png")
     plot_curves(curves, out / "training_curve.png")
-    payload = {"metrics": {name: r.metrics for name, r in results.items()}, "train_samples_per_s": throughput,
-               "image_encoder": args.image_encoder, "epochs": args.epochs, "batch_size": args.batch_size,
-               "seed": args.seed, "seconds": time.perf_counter() - t0, "threads": torch.get_num_threads(),
-               "run": run_info()}
+    queries = per_seed["untrained"][0].metrics["instance"]["queries"]
+    payload = {"summary": rows, "metrics": {name: [r.metrics for r in results] for name, results in per_seed.items()},
+               "seeds": seeds, "train_samples_per_s": throughput, "image_encoder": args.image_encoder,
+               "text_encoder": args.text_encoder, "epochs": args.epochs, "batch_size": args.batch_size,
+               "seconds": time.perf_counter() - t0, "threads": torch.get_num_threads(), "run": run_info()}
     (out / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"\nheld-out emoji ({rows['untrained']['queries']} twitter queries -> google image + text docs)\n{table}")
-    print("training throughput (samples/s): " + ", ".join(f"{k} {v:.0f}" for k, v in throughput.items()))
+    print(f"\nheld-out emoji ({queries} twitter queries -> google image + text docs), "
+          f"mean over seeds {seeds}\n{table}")
+    # The first run computes the frozen encoders' features; later runs read them from the caches.
+    print("training throughput (samples/s, per seed): "
+          + "; ".join(f"{k} " + ", ".join(f"{x:.0f}" for x in v) for k, v in throughput.items()))
     print(f"wrote {out / 'metrics.json'}, {out / 'retrieval.png'}, {out / 'training_curve.png'} "
           f"({payload['seconds']:.0f} s)")
     return payload

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -88,17 +89,50 @@ def build_optimizers(config: TrainConfig, model, classifier, sampled: bool):
     return opt, cls_opt
 
 
-def drop_texts(texts: list, rate: float, seed: int, step: int, rank: int) -> list:
-    """Each text replaced by None with probability `rate`, drawn from (seed, step, rank): reproducible on resume.
+def text_keep_mask(n: int, rate: float, seed: int, step: int, rank: int) -> torch.Tensor:
+    """(n,) bool: False with probability `rate` (text dropout), drawn from (seed, step, rank): reproducible on resume.
 
-    Without it, fusion learns to identify training classes by their text and the doc embedding drifts away
+    Without dropout, fusion learns to identify training classes by their text and the doc embedding drifts away
     from the image-only query embedding; held-out classes then retrieve worse than with image-only docs.
     """
-    if rate == 0:
-        return texts
     gen = torch.Generator().manual_seed((seed * 1_000_003 + step) * 4099 + rank)
-    keep = torch.rand(len(texts), generator=gen) >= rate
-    return [t if k else None for t, k in zip(texts, keep.tolist())]
+    return torch.rand(n, generator=gen) >= rate
+
+
+def batch_loss(model, classifier, images: torch.Tensor, texts: list, is_query: torch.Tensor, labels: torch.Tensor,
+               text_keep: torch.Tensor, text_loss_weight: float = 0.0, autocast=None
+               ) -> tuple[torch.Tensor, Callable[[], None]]:
+    """(loss, backward): classifier(embeddings of the mixed batch) + text_loss_weight * classifier(text embeddings).
+
+    The text loss makes the docs' text read (normalize(c), every doc with text, dropped or not) classify on its
+    own, with the class weights held fixed for it (no gradient reaches them from these rows): the text path
+    learns to point where the images put each class, which carries over to classes never trained on,
+    instead of the classes moving towards their titles. Without it the text only has to fix what the
+    training images get wrong, close to nothing once they are fitted, and learns little that generalises.
+
+    backward() runs the classifier's backward (its collectives, the same on every rank) to completion
+    before the model's, whose DDP gradient all-reduces would otherwise interleave with them in an order
+    that depends on which rank's docs have text. `autocast` (a context manager) covers the model only.
+    """
+    with autocast or contextlib.nullcontext():
+        out = model(images, texts, is_query, text_keep=text_keep, return_text=bool(text_loss_weight))
+    rows = out if not text_loss_weight else torch.cat(out[:2])
+    leaf = rows.detach().float().requires_grad_()  # the classifier's backward stops here
+    n = images.shape[0]
+    loss = classifier(leaf[:n], labels)
+    if text_loss_weight:
+        ignore = torch.full_like(labels, classifier.settings.ignore_index)
+        classifier.weight.requires_grad_(False)
+        try:
+            loss = loss + text_loss_weight * classifier(leaf[n:], torch.where(out[2], labels, ignore))
+        finally:
+            classifier.weight.requires_grad_(True)
+
+    def backward() -> None:
+        loss.backward()
+        rows.backward(leaf.grad.to(rows.dtype))
+
+    return loss, backward
 
 
 class MetricsLog:
@@ -162,6 +196,7 @@ def train(config: TrainConfig) -> dict:
     bar = _progress(config, rank, total_steps, step)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
     losses: list[float] = []
+    text_loss_weight = config.text_loss_weight if config.fusion else 0.0
     samples, t_start = 0, time.perf_counter()
     evaluation = None
     model.train()
@@ -172,13 +207,12 @@ def train(config: TrainConfig) -> dict:
             images = batch["image"].to(device, non_blocking=True)
             labels = batch["label"].to(device, non_blocking=True)
             is_query = torch.tensor([r == "query" for r in batch["role"]], device=device)
-            texts = drop_texts(batch["text"], config.text_dropout, config.seed, step, rank)
-            with autocast:
-                emb = ddp(images, texts, is_query)
-            loss = classifier(emb.float(), labels)
+            keep = text_keep_mask(len(labels), config.text_dropout, config.seed, step, rank).to(device)
             opt.zero_grad(set_to_none=True)
             cls_opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, backward = batch_loss(ddp, classifier, images, batch["text"], is_query, labels, keep,
+                                        text_loss_weight, autocast)
+            backward()
             if config.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             opt.step()
