@@ -58,6 +58,15 @@ def extension():
     # -fno-trapping-math lets GCC if-convert the selects in the epilogue loops (clamps, filter), without
     # which it leaves them scalar; torch itself is built with it. We never rely on FP exceptions.
     cxx_flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is inline header code that is parallel only under -fopenmp; without it every
+        # CPU kernel here runs on one thread. The extension then needs libgomp.so.1, which resolves to the
+        # copy torch has already loaded (same soname): one OpenMP runtime, sized by torch.set_num_threads.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+    else:
+        print("oclear_ext build: no OpenMP on this platform: the CPU kernels run on one thread")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     srcs = sources("ops", "*.cpp") + sources("cpu", "*.cpp")
     archs = None
@@ -72,9 +81,11 @@ def extension():
             include_dirs=include_dirs,
             define_macros=[("OCLEAR_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            extra_link_args=link_flags,
         )
     else:
-        ext = CppExtension("oclear_ext._C", srcs, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})
+        ext = CppExtension("oclear_ext._C", srcs, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},
+                           extra_link_args=link_flags)
     print(
         f"oclear_ext build: torch {torch.__version__}, CUDA kernels {'ON' if with_cuda else 'OFF'} ({reason})"
         + (f", archs {archs}" if with_cuda else "")
