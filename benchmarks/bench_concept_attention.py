@@ -179,9 +179,11 @@ def main(argv=None):
     env = common.environment(device)
     if device.type == "cpu":
         env["oclear_cpu_isa"] = torch.ops.oclear.concept_attention_cpu_isa()
+        env["oclear_parallel_threads"] = torch.ops.oclear.parallel_threads_used(64)  # 1 = built without OpenMP
     print(f"concept attention benchmark: H={args.heads} Dh={args.head_dim} {dtype} on {env.get('gpu', env.get('cpu'))}, "
           f"{env['threads']} threads, torch {env['torch']}, git {env['git']['commit'][:10]}"
-          + (f", kernels {env['oclear_cpu_isa']}" if device.type == "cpu" else ""), flush=True)
+          + (f", kernels {env['oclear_cpu_isa']} on {env['oclear_parallel_threads']} threads" if device.type == "cpu"
+             else ""), flush=True)
     rows = [bench_shape(b, args.heads, lq, lk, args.head_dim, bc, device, dtype, args.repeats) for b, lq, lk, bc in shapes]
     stem = f"concept_attention_{device.type}_{str(dtype).removeprefix('torch.')}{args.tag}"
     payload = {"benchmark": "concept_attention", "environment": env, "dtype": str(dtype), "repeats": args.repeats,
