@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import platform
+import sys
 
 import torch
 from setuptools import setup
