@@ -160,3 +160,11 @@ def test_text_loss_trains_the_text_path_and_never_moves_the_class_weights():
     attention = "fusion.text_to_concepts.q_proj.weight"
     assert attention in with_text and not torch.allclose(with_text[attention], without[attention])
     assert "fusion.concepts" in with_text and with_text["text_encoder.embed.weight"].abs().sum() > 0
+
+
+def test_demo_rejects_zero_seeds(tmp_path, capsys):
+    from oclear_ext.train.demo import run
+
+    with pytest.raises(SystemExit):
+        run(["--out", str(tmp_path), "--seeds", "0"])
+    assert "--seeds must be >= 1, got 0" in capsys.readouterr().err

@@ -94,13 +94,13 @@ def run(argv: list[str] | None = None) -> dict:
                              "shows mean +- sd: one seed's R@1 moves by about 2 points on 579 queries")
     parser.add_argument("--max-steps", type=int, default=None, help="cap on training steps per model (smoke runs)")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     heldout = resolve_manifest("builtin:emoji", "heldout", out / "data")
 
-    if args.seeds < 1:
-        parser.error(f"--seeds must be >= 1, got {args.seeds}")
     seeds = list(range(args.seed, args.seed + args.seeds))
     names = ("untrained", "image-only docs", "concept fusion")
     per_seed: dict[str, list] = {name: [] for name in names}
