@@ -141,3 +141,30 @@ def test_minilm_model_docs_without_text_equal_the_image_path():
     v = torch.nn.functional.normalize(m.doc_head(m.encoder(images)), dim=1)
     torch.testing.assert_close(m.embed_docs(images, [None, ""]), v)
     assert m.embed_docs(images, ["grinning face", "red apple"]).shape == (2, 32)
+
+
+def test_feature_cache_evicts_the_least_recently_used_beyond_its_bound():
+    from oclear_ext.models.feature_cache import FeatureCache
+
+    cache = FeatureCache(max_bytes=3 * 16)  # three 4-float entries
+    for key in "abc":
+        cache.put(key, torch.full((4,), float(ord(key))))
+    cache.get("a")  # a is now the most recently used
+    cache.put("d", torch.zeros(4))
+    assert "b" not in cache and {"a", "c", "d"} <= {k for k in "abcd" if k in cache}
+    assert len(cache) == 3 and cache.bytes == 48
+    cache.put("big", torch.zeros(16))  # larger than the bound: nothing stays
+    assert len(cache) == 0 and cache.bytes == 0
+    with pytest.raises(ValueError, match="max_bytes must be >= 0, got -1"):
+        FeatureCache(max_bytes=-1)
+
+
+def test_encoders_return_features_that_outgrow_their_cache(monkeypatch):
+    from oclear_ext.models.feature_cache import FeatureCache
+    from oclear_ext.models.minilm import MiniLMTextEncoder
+
+    encoder = MiniLMTextEncoder(dim=8)
+    monkeypatch.setattr(MiniLMTextEncoder, "_shared_cache", FeatureCache(max_bytes=1))  # holds nothing
+    tokens, padding = encoder(["red apple", "green pear", "red apple"])
+    torch.testing.assert_close(tokens[0], tokens[2])
+    assert not padding[:, :4].any() and len(MiniLMTextEncoder._shared_cache) == 0

