@@ -15,6 +15,10 @@ import torch
 DEVICE = torch.device(os.environ.get("OCLEAR_CUDA_TEST_DEVICE", "cuda"))
 skip_without_device = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(),
                                          reason="CUDA is not available")
+# Tests of CUDA-only behaviour (the build flag, a CUDA switch, two devices, a 4 GB problem): they run on a
+# GPU and are skipped in the OCLEAR_CUDA_TEST_DEVICE=cpu dry run.
+cuda_only = pytest.mark.skipif(DEVICE.type != "cuda",
+                               reason="CUDA-only behaviour (OCLEAR_CUDA_TEST_DEVICE=cpu dry run)")
 
 
 @contextlib.contextmanager

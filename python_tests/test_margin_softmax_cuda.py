@@ -14,7 +14,7 @@ import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from cuda_cases import DEVICE, class_chunk, skip_without_device
+from cuda_cases import DEVICE, class_chunk, cuda_only, skip_without_device
 from margin_cases import (ARCFACE, COMBINED, COSFACE, MARGINS, SPHEREFACE, check_compile_matches_eager, make_inputs,
                           natural_atols)
 
@@ -62,9 +62,8 @@ def edge_labels(labels, c, t):
     return labels
 
 
+@cuda_only
 def test_extension_was_built_with_cuda_kernels():
-    if DEVICE.type != "cuda":
-        pytest.skip("dry run on the CPU")
     assert oclear_ext.build_info["with_cuda"], f"CUDA is available but oclear_ext was built without it: {oclear_ext.build_info}"
 
 
@@ -248,11 +247,10 @@ def test_label_out_of_range_raises(bad, index):
         oclear_ext.margin_softmax_loss(x.to(DEVICE), w.to(DEVICE), labels.to(DEVICE))
 
 
+@cuda_only
 def test_label_check_switched_off_is_memory_safe(monkeypatch):
     # OCLEAR_CUDA_LABEL_CHECK=0 skips the check (and its host sync); a bad label then matches no class,
     # so the row's loss is its log-sum-exp with no target, and nothing is read out of bounds.
-    if DEVICE.type != "cuda":
-        pytest.skip("the switch only exists on CUDA")
     x, w, _ = make_inputs(4, 50, 8, seed=6)
     labels = torch.tensor([0, 3, 10**9, -100], device=DEVICE)
     monkeypatch.setenv("OCLEAR_CUDA_LABEL_CHECK", "0")
@@ -277,9 +275,8 @@ def test_float32_honours_allow_tf32(allow_tf32):
     assert_within_plain_rule(got, plain, want, tuple(1e-4 * r.abs().max().item() for r in want))
 
 
+@cuda_only
 def test_mixed_devices_raise():
-    if DEVICE.type != "cuda":
-        pytest.skip("needs two devices")
     x, w, labels = make_inputs(4, 10, 8, dtype=torch.float32)
     with pytest.raises(ValueError, match=r"must be on one device"):
         oclear_ext.margin_softmax_loss(x.to(DEVICE), w, labels.to(DEVICE))
@@ -320,10 +317,9 @@ def test_module_on_device_matches_cpu():
 
 
 @pytest.mark.slow
+@cuda_only
 def test_indices_past_2_to_the_31():
     # C x D > 2^31 elements of weight (4.4 GB in bfloat16): row offsets of the weight overflow int32.
-    if DEVICE.type != "cuda":
-        pytest.skip("too large for the CPU dry run")
     n, c, d = 64, 4_200_000, 520
     g = torch.Generator(device=DEVICE).manual_seed(0)
     w = torch.randn(c, d, device=DEVICE, dtype=torch.bfloat16, generator=g)
