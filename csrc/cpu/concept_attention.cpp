@@ -96,8 +96,6 @@ Strides4 strides_of(const at::Tensor& t) {
   return Strides4{t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// The kernels read rows with a stride but need each row contiguous.
-at::Tensor rows_contiguous(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
 
 template <typename scalar_t>
 AttentionProblem<scalar_t> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -176,18 +174,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> concept_attention_backward(
     double scale, bool need_grad_q, bool need_grad_k, bool need_grad_v) {
   const at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
   const at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
-  const auto contiguous = at::MemoryFormat::Contiguous;
-  at::Tensor grad_q = need_grad_q ? at::empty(q.sizes(), q.options().memory_format(contiguous)) : q.new_empty({0});
-  // A (B, H, Lk, Dh) k that happens to be expanded from batch 1 still gets a per-batch gradient
-  // here; autograd of the expand sums it, as for any other op.
-  at::Tensor grad_k = need_grad_k ? at::empty(k.sizes(), k.options().memory_format(contiguous)) : k.new_empty({0});
-  at::Tensor grad_v = need_grad_v ? at::empty(v.sizes(), v.options().memory_format(contiguous)) : v.new_empty({0});
-  if (q.numel() == 0 || k.numel() == 0) {  // nothing attends or nothing to attend to: zero gradients
-    grad_q.zero_();
-    grad_k.zero_();
-    grad_v.zero_();
-    return {grad_q, grad_k, grad_v};
-  }
+  at::Tensor grad_q, grad_k, grad_v;
+  std::tie(grad_q, grad_k, grad_v) = empty_grads(q, k, v, need_grad_q, need_grad_k, need_grad_v);
+  if (q.numel() == 0 || k.numel() == 0) return {grad_q, grad_k, grad_v};  // zero gradients
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor out = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();

@@ -39,6 +39,28 @@ struct BackwardIO {
   scalar_t* grad_v;
 };
 
+// Shared with the CUDA glue (csrc/ops/concept_attention.cpp).
+// The kernels read rows with a stride but need each row (the Dh axis) contiguous.
+inline at::Tensor rows_contiguous(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
+
+// Fresh contiguous gradients shaped like q, k, v (an empty tensor for one not needed); zeroed when q or
+// k is empty, where nothing attends or there is nothing to attend to. A (B, H, Lk, Dh) k that happens
+// to be expanded from batch 1 still gets a per-batch gradient; autograd of the expand sums it.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_grads(const at::Tensor& q, const at::Tensor& k,
+                                                                  const at::Tensor& v, bool need_q, bool need_k,
+                                                                  bool need_v) {
+  const auto fresh = [](const at::Tensor& t, bool need) {
+    return need ? at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous)) : t.new_empty({0});
+  };
+  at::Tensor gq = fresh(q, need_q), gk = fresh(k, need_k), gv = fresh(v, need_v);
+  if (q.numel() == 0 || k.numel() == 0) {
+    gq.zero_();
+    gk.zero_();
+    gv.zero_();
+  }
+  return {gq, gk, gv};
+}
+
 // out (B, H, Lq, Dh) contiguous in q's dtype, lse (B, H, Lq) in the accumulation dtype
 // (float32, float64 for float64); a query row whose keys are all padding gets out = 0, lse = -inf.
 std::tuple<at::Tensor, at::Tensor> concept_attention_forward(const at::Tensor& q, const at::Tensor& k,

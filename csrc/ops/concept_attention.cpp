@@ -116,8 +116,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
 }
 
 #ifdef OCLEAR_WITH_CUDA
-at::Tensor rows_contiguous(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
-
 cuda::AttentionDtype cuda_dtype(at::ScalarType dt) {
   switch (dt) {
     case at::kFloat:
@@ -160,7 +158,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at
                                                 const std::optional<at::Tensor>& key_padding_mask, double scale) {
   check_problem(q_in, k_in, v_in, key_padding_mask, scale);
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
+  const at::Tensor q = cpu::rows_contiguous(q_in), k = cpu::rows_contiguous(k_in);
+  const at::Tensor v = cpu::rows_contiguous(v_in);
   const at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
   const cuda::AttentionArgs a = cuda_args(q, k, v, mask, scale);
   at::Tensor out = at::empty({a.batch, a.heads, a.lq, a.dh}, q.options().memory_format(at::MemoryFormat::Contiguous));
@@ -184,19 +183,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   check_problem(q_in, k_in, v_in, key_padding_mask, scale);
   check_backward_inputs(grad_out_in, q_in, k_in, out_in, lse_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
+  const at::Tensor q = cpu::rows_contiguous(q_in), k = cpu::rows_contiguous(k_in);
+  const at::Tensor v = cpu::rows_contiguous(v_in);
   const at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
   const cuda::AttentionArgs a = cuda_args(q, k, v, mask, scale);
-  const auto contiguous = at::MemoryFormat::Contiguous;
-  at::Tensor grad_q = need_grad_q ? at::empty(q.sizes(), q.options().memory_format(contiguous)) : q.new_empty({0});
-  at::Tensor grad_k = need_grad_k ? at::empty(k.sizes(), k.options().memory_format(contiguous)) : k.new_empty({0});
-  at::Tensor grad_v = need_grad_v ? at::empty(v.sizes(), v.options().memory_format(contiguous)) : v.new_empty({0});
-  if (q.numel() == 0 || k.numel() == 0) {
-    grad_q.zero_();
-    grad_k.zero_();
-    grad_v.zero_();
-    return {grad_q, grad_k, grad_v};
-  }
+  at::Tensor grad_q, grad_k, grad_v;
+  std::tie(grad_q, grad_k, grad_v) = cpu::empty_grads(q, k, v, need_grad_q, need_grad_k, need_grad_v);
+  if (q.numel() == 0 || k.numel() == 0) return {grad_q, grad_k, grad_v};  // zero gradients
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor out = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
