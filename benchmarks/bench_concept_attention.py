@@ -153,10 +153,7 @@ def plot(rows, path, title):
         ax.set_xticklabels(labels, fontsize=7)
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, title)
 
 
 def main(argv=None):

@@ -148,10 +148,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         ax.set_title(f"C = {row['C']:,}")
         ax.invert_yaxis()
         ax.grid(True, axis="x", alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, title)
 
 
 def main(argv: list[str] | None = None) -> dict:

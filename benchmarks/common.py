@@ -169,6 +169,16 @@ def write_json(name: str, payload: dict, results_dir: str = RESULTS_DIR) -> str:
     return path
 
 
+def save_figure(fig, path: str, title: str) -> None:
+    """The figure with its title, laid out, to path (PNG), then closed."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_results(stem: str, payload: dict, draw: Callable[[str], None], results_dir: str = RESULTS_DIR) -> None:
     """results_dir/<stem>.json (the payload) and results_dir/<stem>.png (draw(path)), and says where."""
     json_path = write_json(stem + ".json", payload, results_dir)
