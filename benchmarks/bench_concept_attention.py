@@ -166,6 +166,7 @@ def main(argv=None):
     parser.add_argument("--full", action="store_true", help="B in {256,1024,4096} x Lq {1,32} x Lk {32,64,256} x memory")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tag", default="")
+    parser.add_argument("--out", default=common.RESULTS_DIR, help="folder for the JSON and PNG (default %(default)s)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -186,7 +187,7 @@ def main(argv=None):
     payload = {"benchmark": "concept_attention", "environment": env, "dtype": str(dtype), "repeats": args.repeats,
                "rows": rows}
     title = f"concept attention fwd+bwd, H={args.heads}, Dh={args.head_dim}, {dtype}, {env.get('gpu', env.get('cpu'))}"
-    common.write_results(stem, payload, lambda path: plot(rows, path, title))
+    common.write_results(stem, payload, lambda path: plot(rows, path, title), results_dir=args.out)
     return payload
 
 

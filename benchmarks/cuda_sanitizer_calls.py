@@ -7,7 +7,9 @@ inputs), the forward epilogue over several chunks (a forced small chunk, so chun
 per edge, ignored rows and a row-block of a class shard occur), the backward epilogue, the dW and dx
 projections (each gradient alone and both), the device label check (a bad label, whose error is
 expected), N = 1, and an empty batch; then hardest_classes (its chunked merge in the glue) for
-each dtype with and without excluded classes. Every result is checked for NaN / inf, so a run that the
+each dtype with and without excluded classes; then concept_attention forward+backward for float32 /
+bfloat16 / float16 over query tiles with a ragged edge, key counts below, at and above a tile, head
+dims 16 to 256, shared and per-batch memories, random and fully padded rows. Every result is checked for NaN / inf, so a run that the
 sanitizer passes also computed something finite. Exit status 0 when every call behaved.
 """
 
@@ -102,6 +104,27 @@ def class_topk_calls(device: torch.device) -> int:
     return calls
 
 
+def concept_attention_calls(device: torch.device) -> int:
+    """concept_attention forward and backward on shapes that hit every tile edge of the CUDA kernel."""
+    calls = 0
+    g = torch.Generator(device="cpu").manual_seed(2)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for b, h, lq, lk, dh, shared in ((3, 2, 1, 1, 16, False), (2, 3, 33, 65, 64, False), (4, 2, 17, 130, 80, True),
+                                          (2, 1, 5, 300, 128, True), (2, 2, 3, 40, 256, False)):
+            q = torch.randn(b, h, lq, dh, generator=g).to(device, dtype).requires_grad_(True)
+            kb = 1 if shared else b
+            k = torch.randn(kb, h, lk, dh, generator=g).to(device, dtype).requires_grad_(True)
+            v = torch.randn(kb, h, lk, dh, generator=g).to(device, dtype).requires_grad_(True)
+            pad = torch.rand(b, lk, generator=g) < 0.3
+            pad[-1] = True  # a fully padded row: zeros out, zero gradients
+            out = oclear_ext.concept_attention(q, k, v, pad.to(device))
+            out.backward(torch.randn(out.shape, generator=g).to(device, dtype))
+            check_finite("concept_attention", out, q.grad, k.grad, v.grad)
+            assert not out[-1].any() and not q.grad[-1].any(), "a fully padded row must give zeros"
+            calls += 1
+    return calls
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("cuda_sanitizer_calls: CUDA is not available", file=sys.stderr)
@@ -112,8 +135,10 @@ def main() -> int:
     device = torch.device("cuda")
     calls = margin_softmax_calls(device)
     topk_calls = class_topk_calls(device)
+    attention_calls = concept_attention_calls(device)
     torch.cuda.synchronize()
-    print(f"cuda_sanitizer_calls: {calls} margin-softmax and {topk_calls} hardest-classes calls completed")
+    print(f"cuda_sanitizer_calls: {calls} margin-softmax, {topk_calls} hardest-classes and {attention_calls} "
+          "concept-attention calls completed")
     return 0
 
 

@@ -1,31 +1,37 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine should check, in one call, from the repository root:
 #
-#   benchmarks/gpu_check.sh                     # all phases: build test sanitize bench
+#   benchmarks/gpu_check.sh                     # all phases, in priority order
 #   benchmarks/gpu_check.sh build test          # some phases (a warm machine keeps the install)
 #   OUT=/path benchmarks/gpu_check.sh           # where logs and JSON go (default ./gpu_out)
 #
-# Phases (each writes its log under $OUT; a failing phase is reported and the next ones still run):
+# Phases (each writes its log under $OUT; a failing phase is reported and the next ones still run;
+# each is bounded by a timeout so that one hang cannot eat a lease):
 #   build     pip install --no-build-isolation --no-deps . against this machine's torch (CUDA kernels
-#             for the visible GPU's architecture)                              -> build.log
-#   test      the whole pytest suite, CUDA tests included, run from $OUT so the installed package is
-#             imported rather than the source tree                             -> tests.log, tests.xml
+#             for the visible GPU's architecture); the built extension is copied to $OUT -> build.log
+#   test      the CUDA tests (python_tests/test_*_cuda.py; GPU_CHECK_TESTS overrides), in parallel
+#             processes when pytest-xdist is there, run from $OUT so the installed package is imported
+#             rather than the source tree (the CPU suite is CI's job)           -> tests.log, tests.xml
+#   attention benchmarks/bench_concept_attention.py --device cuda (bf16, the fusion's shapes, issue 7's
+#             target first)                                                    -> attention.log, *.json, *.png
+#   train     oclear-train on the built-in emoji data on the GPU (small encoders, fusion on, bf16
+#             autocast): the training loop's own samples/s                      -> train.log, train/
 #   sanitize  compute-sanitizer memcheck, racecheck, initcheck and synccheck on small calls of every
 #             CUDA kernel (benchmarks/cuda_sanitizer_calls.py)                 -> sanitizer_<tool>.log
 #   bench     benchmarks/bench_margin_softmax.py --device cuda (bf16, N=1024, D=512,
 #             C in {65536, 262144, 1048576, 4194304}: fused vs reference vs three bf16 GEMMs vs
 #             linear_cross_entropy / cut-cross-entropy / Liger when present), then a sweep of the
 #             glue's classes-per-chunk at C = 1M     -> bench.log, bench_chunk_sweep.log, *.json, *.png
-# Timing on an H100 (estimate, to be confirmed by the first run): build 2-4 min, test 3-5 min,
-# sanitize 2-4 min, bench 3-6 min; where one call is limited to 10 minutes, run the phases in two
-# or three calls on the same warm machine. $OUT/summary.txt lists each phase's status.
+# GPU_CHECK_SECONDS=N bounds the whole run: each phase's timeout is cut to what is left, and a phase
+# with under 15 s left is skipped (said so in the summary), so that a lease ends with logs, not a kill.
+# $OUT/summary.txt lists each phase's status and time.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/gpu_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PHASES=("$@")
-[[ ${#PHASES[@]} -eq 0 ]] && PHASES=(build test sanitize bench)
+[[ ${#PHASES[@]} -eq 0 ]] && PHASES=(build test attention train sanitize bench)
 PY=${PYTHON:-python}
 SUMMARY="$OUT/summary.txt"
 
@@ -34,6 +40,12 @@ phase_result() {  # name, exit status, seconds
   if [[ $2 -eq 0 ]]; then note "$1: OK ($3 s)"; else note "$1: FAILED (exit $2, $3 s; see its log in $OUT)"; FAILED=1; fi
 }
 FAILED=0
+DEADLINE=${GPU_CHECK_SECONDS:+$(( $(date +%s) + GPU_CHECK_SECONDS ))}
+limit() {  # a phase's own cap in seconds -> its timeout, cut to the time left before the deadline
+  local cap=$1 left
+  if [[ -n $DEADLINE ]]; then left=$(( DEADLINE - $(date +%s) )); (( left < cap )) && cap=$left; fi
+  echo "$cap"
+}
 
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -46,13 +58,28 @@ FAILED=0
 note "phases: ${PHASES[*]}; environment in $OUT/environment.txt"
 
 run_build() {
-  (cd "$REPO" && "$PY" -m pip install --no-build-isolation --no-deps -v . ) > "$OUT/build.log" 2>&1 || return $?
-  (cd "$OUT" && "$PY" -c "import oclear_ext, json; print(json.dumps(oclear_ext.build_info)); assert oclear_ext.build_info['with_cuda'], 'built without CUDA kernels'") >> "$OUT/build.log" 2>&1
+  (cd "$REPO" && timeout "$(limit 420)" "$PY" -m pip install --no-build-isolation --no-deps -v . ) > "$OUT/build.log" 2>&1 || return $?
+  (cd "$OUT" && "$PY" -c "import oclear_ext, json, shutil; print(json.dumps(oclear_ext.build_info)); assert oclear_ext.build_info['with_cuda'], 'built without CUDA kernels'; import importlib; print('extension', shutil.copy(importlib.import_module('oclear_ext._C').__file__, '.'))") >> "$OUT/build.log" 2>&1
 }
 
 run_test() {
+  local tests parallel=()
+  # shellcheck disable=SC2206
+  tests=(${GPU_CHECK_TESTS:-$REPO/python_tests/test_*_cuda.py})
+  "$PY" -c "import xdist" 2> /dev/null && parallel=(-n 8)
   # From $OUT: `import oclear_ext` must find the installed package, not the unbuilt source tree.
-  (cd "$OUT" && "$PY" -m pytest "$REPO/python_tests" -q -rs -p no:cacheprovider --junitxml="$OUT/tests.xml") > "$OUT/tests.log" 2>&1
+  (cd "$OUT" && timeout "$(limit 300)" "$PY" -m pytest "${tests[@]}" "${parallel[@]}" -q -rs -p no:cacheprovider \
+     --junitxml="$OUT/tests.xml") > "$OUT/tests.log" 2>&1
+}
+
+run_attention() {
+  (cd "$OUT" && timeout "$(limit 150)" "$PY" "$REPO/benchmarks/bench_concept_attention.py" --device cuda --repeats 30 \
+     --out "$OUT") > "$OUT/attention.log" 2>&1
+}
+
+run_train() {
+  (cd "$OUT" && timeout "$(limit 120)" "$PY" -m oclear_ext.train --train-manifest builtin:emoji --device cuda --epochs 3 \
+     --batch-size 256 --num-workers 4 --log-every 10 --no-progress --out-dir "$OUT/train") > "$OUT/train.log" 2>&1
 }
 
 find_sanitizer() {
@@ -79,7 +106,7 @@ run_sanitize() {
       filter=(--kernel-name kns=oclear)
     fi
     # No caching allocator: every tensor is its own allocation, so an overrun is an overrun.
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 1200 "$san" --tool "$tool" "${filter[@]}" --error-exitcode 99 \
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(limit 100)" "$san" --tool "$tool" "${filter[@]}" --error-exitcode 99 \
       "$PY" "$REPO/benchmarks/cuda_sanitizer_calls.py" > "$OUT/sanitizer_$tool.log" 2>&1
     local rc=$?
     echo "$tool: exit $rc ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -n 1))" >> "$OUT/sanitizer_summary.txt"
@@ -89,17 +116,18 @@ run_sanitize() {
 }
 
 run_bench() {
-  (cd "$OUT" && "$PY" "$REPO/benchmarks/bench_margin_softmax.py" --device cuda --out "$OUT") > "$OUT/bench.log" 2>&1 || return $?
+  (cd "$OUT" && timeout "$(limit 300)" "$PY" "$REPO/benchmarks/bench_margin_softmax.py" --device cuda --out "$OUT") > "$OUT/bench.log" 2>&1 || return $?
   # The classes-per-chunk default of the CUDA glue is an estimate: sweep it at C = 1M.
-  (cd "$OUT" && "$PY" "$REPO/benchmarks/bench_margin_softmax.py" --device cuda --out "$OUT" --sizes 1048576 \
+  (cd "$OUT" && timeout "$(limit 200)" "$PY" "$REPO/benchmarks/bench_margin_softmax.py" --device cuda --out "$OUT" --sizes 1048576 \
      --chunks 2048 4096 8192 16384 32768 65536 --tag _chunk_sweep) > "$OUT/bench_chunk_sweep.log" 2>&1
 }
 
 for phase in "${PHASES[@]}"; do
   case $phase in
-    build|test|sanitize|bench) ;;
-    *) note "unknown phase '$phase' (expected build, test, sanitize, bench)"; exit 2 ;;
+    build|test|attention|train|sanitize|bench) ;;
+    *) note "unknown phase '$phase' (expected build, test, attention, train, sanitize, bench)"; exit 2 ;;
   esac
+  if (( $(limit 15) < 15 )); then note "$phase: SKIPPED (GPU_CHECK_SECONDS spent)"; FAILED=1; continue; fi
   start=$(date +%s)
   note "$phase: started"
   "run_$phase"
