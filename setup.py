@@ -38,6 +38,16 @@ def sources(folder: str, pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", folder, pattern)))
 
 
+def torch_cxx_runtime() -> str | None:
+    """Path of the shared C++ runtime (libstdc++.so.6) this process loaded with torch, or None (not Linux)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+    except OSError:
+        return None
+    return min(paths) if paths else None
+
+
 def write_build_info(with_cuda: bool, reason: str, archs: str | None, cxx_flags: list[str]) -> None:
     info = {
         "torch_version": torch.__version__,
@@ -66,6 +76,14 @@ def extension():
         # copy torch has already loaded (same soname): one OpenMP runtime, sized by torch.set_num_threads.
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
+        # The extension must share torch's C++ runtime. A toolchain whose library path holds only
+        # libstdc++.a (seen: a wrapper around g++ with -B to such a folder) links a private static copy
+        # instead; error messages are formatted in that copy against torch's locale, and the first number
+        # in one came out truncated here and segfaulted on an H100 machine. Naming the library torch loaded
+        # resolves every runtime symbol from it before g++'s implicit -lstdc++ is searched.
+        runtime = torch_cxx_runtime()
+        if runtime is not None:
+            link_flags.append(runtime)
     else:
         print("oclear_ext build: no OpenMP on this platform: the CPU kernels run on one thread")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]

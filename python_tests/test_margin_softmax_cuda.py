@@ -204,7 +204,7 @@ def test_non_contiguous_inputs():
     x_big, w_big = x_big.to(DEVICE), w_big.to(DEVICE)
     x = x_big[:, ::2]  # strided columns
     w = w_big.t().contiguous().t()[:, 5:20]  # column-major view, sliced
-    labels_nc = torch.stack([labels, labels], 1)[:, 0].to(DEVICE)
+    labels_nc = torch.stack([labels, labels], 1).to(DEVICE)[:, 0]  # strided on the device (.to() would compact it)
     assert not x.is_contiguous() and not w.is_contiguous() and not labels_nc.is_contiguous()
     got = run(oclear_ext.margin_softmax_loss, x, w, labels_nc, DEVICE, margin=COMBINED)
     want = run(oclear_ext.margin_softmax_loss, x.cpu().contiguous(), w.cpu().contiguous(), labels, "cpu", margin=COMBINED)

@@ -56,12 +56,12 @@ inline at::Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& opt
   return at::empty(sizes, opts);
 }
 
-// Classes per chunk: 8 Mi float32 scores (32 MiB; T = 8192 at N = 1024). Two pulls: the scores
-// should stay in L2 (40 / 50 MiB on A100 / H100) between the GEMM that writes them and the kernel
-// that reads them, which asks for small chunks; each chunk costs the host a few ATen calls and
-// launches (about 10-40 us), which at small chunks outlasts the GPU work, which asks for large ones.
-// This default is an estimate, not a measurement (no GPU run yet): benchmarks/gpu_check.sh sweeps
-// OCLEAR_CUDA_CLASS_CHUNK=T (which forces T; the tests also use it to cross chunk edges).
+// Classes per chunk: 32 Mi float32 scores (128 MiB; T = 32768 at N = 1024, D = 512). Measured on an H100
+// (bf16, N = 1024, D = 512, C = 1M; benchmarks/results/margin_softmax_cuda_bfloat16_chunk_sweep.*):
+// forward+backward 53.8 / 30.1 / 25.0 / 23.3 / 21.4 / 20.7 ms at T = 2K / 4K / 8K / 16K / 32K / 64K, extra
+// memory 29 / 45 / 77 / 141 / 269 / 525 MiB. Keeping the scores in L2 (small chunks) did not pay: the
+// host's few ATen calls and launches per chunk did. 32K takes most of the gain at half 64K's memory.
+// OCLEAR_CUDA_CLASS_CHUNK=T forces T (the sweep and the tests, which cross chunk edges, use it).
 // A T x D float32 buffer of the backward is held to the same size.
 inline int64_t class_chunk(int64_t n, int64_t d, int64_t c_local, const char* op) {
   if (const char* v = std::getenv("OCLEAR_CUDA_CLASS_CHUNK")) {
@@ -69,7 +69,7 @@ inline int64_t class_chunk(int64_t n, int64_t d, int64_t c_local, const char* op
     TORCH_CHECK_VALUE(forced > 0, op, "OCLEAR_CUDA_CLASS_CHUNK must be a positive integer, got '", v, "'");
     return std::min<int64_t>(forced, c_local);
   }
-  constexpr int64_t kChunkElements = int64_t(8) << 20;
+  constexpr int64_t kChunkElements = int64_t(32) << 20;
   int64_t t = std::min(kChunkElements / std::max<int64_t>(n, 1), kChunkElements / std::max<int64_t>(d, 1));
   t = std::max<int64_t>(t / 256 * 256, 256);
   return std::min(t, c_local);

@@ -1,4 +1,5 @@
-"""The extension's CPU kernels run on the threads torch allows (built with OpenMP, sharing torch's runtime)."""
+"""How the extension is built: its CPU kernels run on the threads torch allows (OpenMP, torch's runtime), and it
+shares torch's C++ runtime (its error messages come out whole)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,11 @@ def test_parallel_for_uses_torch_threads(threads):
 def test_parallel_threads_used_rejects_bad_input():
     with pytest.raises(RuntimeError, match="items must be >= 1, got 0"):
         torch.ops.oclear.parallel_threads_used(0)
+
+
+def test_error_messages_keep_their_numbers():
+    # A build that embedded a private static libstdc++ (a toolchain whose library path held only libstdc++.a)
+    # formatted messages in that copy against torch's locale: the text stopped at the first number (seen on
+    # this CPU machine) or the process segfaulted (seen on an H100 machine). setup.py links torch's copy.
+    with pytest.raises(IndexError, match=r"oclear_ext.hardest_classes: exclude\[1\] = 20 is not a class id in \[0, 20\)"):
+        oclear_ext.hardest_classes(torch.randn(3, 4), torch.randn(20, 4), 2, exclude=torch.tensor([1, 20]))
