@@ -14,6 +14,8 @@ SHAPES = ((1024, 32, 64, False), (1024, 32, 64, True), (4096, 1, 32, False))  # 
 
 
 def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_concept_attention: CUDA is not available")
     for b, lq, lk, shared in SHAPES:
         kb = 1 if shared else b
         opts = dict(device="cuda", dtype=torch.bfloat16)
