@@ -7,6 +7,8 @@ key padding mask (B, Lk)):
   gemm6      the six plain batched GEMMs of a materialised attention's forward+backward
              (S = q k^T, O = P v, dV = P^T dO, dP = dO v^T, dQ = dS k, dK = dS^T q): the practical ceiling
   fused      oclear_ext.concept_attention (keeps no attention matrix, recomputes it in the backward)
+  fused_tc   the same op with its tensor-core kernels (OCLEAR_CUDA_ATTENTION_TC=1; CUDA, bf16 / fp16; opt-in
+             until verified on a GPU; where they do not apply the op runs its CUDA-core kernels)
   sdpa       torch.nn.functional.scaled_dot_product_attention, mask materialised as it needs it
              ((B, 1, 1, Lk) bool, True = attend), a shared memory expanded (a view) to the batch
   reference  oclear_ext.reference.concept_attention (plain PyTorch, materialised scores)
@@ -46,6 +48,18 @@ DEFAULT_SHAPES = [
 ]
 
 
+def with_tensor_cores(call):
+    """call() with the CUDA op's tensor-core kernels switched on (read by the op at every forward and backward)."""
+    def wrapped():
+        os.environ["OCLEAR_CUDA_ATTENTION_TC"] = "1"
+        try:
+            return call()
+        finally:
+            del os.environ["OCLEAR_CUDA_ATTENTION_TC"]
+
+    return wrapped
+
+
 def make_variants(q, k, v, pad, grad_out):
     b = q.shape[0]
     scale = q.shape[-1] ** -0.5
@@ -83,7 +97,7 @@ def make_variants(q, k, v, pad, grad_out):
     def clear_grads():
         ql.grad = kl.grad = vl.grad = None
 
-    return clear_grads, {
+    variants = {
         "io_floor": io_floor,
         "gemm6": gemm6,
         "fused": run(lambda a, b_, c: oclear_ext.concept_attention(a, b_, c, pad)),
@@ -91,6 +105,9 @@ def make_variants(q, k, v, pad, grad_out):
             a, b_.expand(b, -1, -1, -1), c.expand(b, -1, -1, -1), attn_mask=attend, scale=scale)),
         "reference": run(lambda a, b_, c: reference.concept_attention(a, b_, c, pad)),
     }
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        variants["fused_tc"] = with_tensor_cores(variants["fused"])
+    return clear_grads, variants
 
 
 def bench_shape(b, h, lq, lk, dh, broadcast, device, dtype, repeats):
@@ -103,9 +120,12 @@ def bench_shape(b, h, lq, lk, dh, broadcast, device, dtype, repeats):
     pad[:, 0] = False  # SDPA returns NaN for a row without keys; keep one key per row for the comparison
     grad_out = torch.randn(b, h, lq, dh, generator=g).to(device, dtype)
     clear_grads, variants = make_variants(q, k, v, pad, grad_out)
-    fused, sdpa = variants["fused"]().float(), variants["sdpa"]().float()
+    sdpa = variants["sdpa"]().float()
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(fused, sdpa, rtol=tol, atol=tol)  # never time something that computes another thing
+    for name in ("fused", "fused_tc"):  # never time something that computes another thing
+        if name in variants:
+            torch.testing.assert_close(variants[name]().float(), sdpa, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+    fused = variants["fused"]().float()
     timings = common.time_interleaved(variants, device, repeats)
     flops = 12 * b * h * lq * lk * dh  # useful FLOPs of forward+backward (6 GEMMs, no recompute)
     row = {"B": b, "H": h, "Lq": lq, "Lk": lk, "Dh": dh, "memory_broadcast": broadcast,
@@ -120,11 +140,14 @@ def bench_shape(b, h, lq, lk, dh, broadcast, device, dtype, repeats):
         row["variants"][name] = {"time": t, "peak_extra_bytes": extra, "useful_gflops": flops / t.median_s / 1e9}
     med = {n: row["variants"][n]["time"].median_s for n in variants}
     row["ratios"] = {"sdpa_over_fused": med["sdpa"] / med["fused"], "reference_over_fused": med["reference"] / med["fused"],
+                     **({"sdpa_over_fused_tc": med["sdpa"] / med["fused_tc"]} if "fused_tc" in med else {}),
                      "fused_over_gemm6": med["fused"] / med["gemm6"], "fused_over_io_floor": med["fused"] / med["io_floor"],
                      "sdpa_over_io_floor": med["sdpa"] / med["io_floor"]}
     print(f"B={b:5d} H={h} Lq={lq:3d} Lk={lk:4d} Dh={dh} {'shared' if broadcast else 'per-batch'} memory: "
           + "  ".join(f"{n} {med[n] * 1e3:8.1f} ms [{timings[n].min_s * 1e3:.1f}, {timings[n].max_s * 1e3:.1f}]" for n in variants)
-          + f"  | sdpa/fused {row['ratios']['sdpa_over_fused']:.2f}  reference/fused {row['ratios']['reference_over_fused']:.2f}"
+          + f"  | sdpa/fused {row['ratios']['sdpa_over_fused']:.2f}"
+          + (f"  sdpa/fused_tc {row['ratios']['sdpa_over_fused_tc']:.2f}" if "fused_tc" in med else "")
+          + f"  reference/fused {row['ratios']['reference_over_fused']:.2f}"
           + f"  fused/gemm6 {row['ratios']['fused_over_gemm6']:.2f}  fused extra {row['variants']['fused']['peak_extra_bytes'] / 2**20:.0f} MiB"
           + f"  sdpa extra {row['variants']['sdpa']['peak_extra_bytes'] / 2**20:.0f} MiB", flush=True)
     return row
@@ -137,15 +160,18 @@ def plot(rows, path, title):
     import matplotlib.pyplot as plt
 
     labels = [f"B={r['B']}\nLq={r['Lq']} Lk={r['Lk']}\n{'shared' if r['memory_broadcast'] else 'per-batch'}" for r in rows]
-    names = ["io_floor", "gemm6", "fused", "sdpa", "reference"]
+    names = [n for n in ("io_floor", "gemm6", "fused", "fused_tc", "sdpa", "reference") if n in rows[0]["variants"]]
     fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(max(10, 2.2 * len(rows)), 4.8))
-    width = 0.16
+    width = 0.8 / len(names)
     for i, name in enumerate(names):
-        xs = [j + (i - 2) * width for j in range(len(rows))]
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(rows))]
         ax_t.bar(xs, [r["variants"][name]["time"].median_s * 1e3 for r in rows], width, label=name)
     ax_t.set_yscale("log")
     ax_t.set_ylabel("forward+backward, median (ms)")
-    ax_r.bar(range(len(rows)), [r["ratios"]["sdpa_over_fused"] for r in rows], 0.5, color="tab:green")
+    ratios = [n for n in ("fused", "fused_tc") if n in names]
+    for i, name in enumerate(ratios):
+        xs = [j + (i - (len(ratios) - 1) / 2) * 0.4 for j in range(len(rows))]
+        ax_r.bar(xs, [r["ratios"]["sdpa_over_" + name] for r in rows], 0.4, label=name)
     ax_r.axhline(2.0, color="gray", ls="--", lw=1, label="target 2x")
     ax_r.set_ylabel("speed-up of fused over SDPA")
     for ax in (ax_t, ax_r):

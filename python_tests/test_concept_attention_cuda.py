@@ -24,10 +24,9 @@ def test_cuda_matches_cpu_float32(lq, lk, dh, broadcast):
         torch.testing.assert_close(g.cpu(), c, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("broadcast", [False, True])
-def test_cuda_low_precision_within_twice_pytorch_error(dtype, broadcast):
-    q, k, v, mask = make_attention_inputs(4, 2, 33, 70, 64, broadcast=broadcast, pad_fraction=0.3, empty_rows=1, seed=4)
+def assert_within_twice_pytorch_error(b, lq, lk, dh, broadcast, dtype, seed):
+    """Ours (low precision) vs the float64 reference: at most twice the error of plain PyTorch in that dtype."""
+    q, k, v, mask = make_attention_inputs(b, 2, lq, lk, dh, broadcast=broadcast, pad_fraction=0.3, empty_rows=1, seed=seed)
     grad_out = torch.randn_like(q)
     exact = output_and_grads(oclear_ext.reference.concept_attention, q, k, v, mask, grad_out)
     low = [t.to("cuda", dtype) for t in (q, k, v)]
@@ -37,6 +36,47 @@ def test_cuda_low_precision_within_twice_pytorch_error(dtype, broadcast):
         err_ours = (o.double().cpu() - e).abs().max().item()
         err_plain = (p.double().cpu() - e).abs().max().item()
         assert err_ours <= 2 * err_plain + 1e-3, f"{name}: ours {err_ours:.3g} vs plain {dtype} {err_plain:.3g}"
+    return ours
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_cuda_low_precision_within_twice_pytorch_error(dtype, broadcast):
+    assert_within_twice_pytorch_error(4, 33, 70, 64, broadcast, dtype, seed=4)
+
+
+# The tensor-core kernels (OCLEAR_CUDA_ATTENTION_TC=1; bf16 / fp16, Dh in {16, 32, 64}, whole key rows in
+# shared memory): query tiles with ragged edges, key counts off the 16-key tile, and the most keys that fit
+# an A100's shared memory too (144 at Dh = 64, 176 at Dh = 32, 208 at Dh = 16), so the path is taken on both.
+TC_SHAPES = [(1, 32, 64), (33, 70, 64), (64, 64, 64), (70, 144, 64), (17, 100, 32), (2, 176, 32), (5, 3, 16),
+             (9, 208, 16)]
+
+
+@pytest.mark.parametrize("lq, lk, dh", TC_SHAPES)
+@pytest.mark.parametrize("broadcast", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tensor_core_path_within_twice_pytorch_error(monkeypatch, lq, lk, dh, broadcast, dtype):
+    monkeypatch.setenv("OCLEAR_CUDA_ATTENTION_TC", "1")
+    tc = assert_within_twice_pytorch_error(3, lq, lk, dh, broadcast, dtype, seed=lq + lk)
+    monkeypatch.setenv("OCLEAR_CUDA_ATTENTION_TC", "0")
+    q, k, v, mask = make_attention_inputs(3, 2, lq, lk, dh, broadcast=broadcast, pad_fraction=0.3, empty_rows=1,
+                                          seed=lq + lk, dtype=dtype, device="cuda")
+    cores = oclear_ext.concept_attention(q, k, v, mask)
+    assert not torch.equal(cores, tc[0]), "the switch did not change the kernels (tensor-core path not taken?)"
+
+
+def test_tensor_core_path_partial_gradients_and_empty_rows(monkeypatch):
+    monkeypatch.setenv("OCLEAR_CUDA_ATTENTION_TC", "1")
+    q, k, v, mask = make_attention_inputs(3, 2, 20, 50, 32, broadcast=True, pad_fraction=0.3, empty_rows=1,
+                                          dtype=torch.bfloat16, device="cuda")
+    grad_out = torch.randn_like(q)
+    full = output_and_grads(oclear_ext.concept_attention, q, k, v, mask, grad_out)
+    assert not full[0][0].any() and not full[1][0].any(), "a fully padded row: zero output and zero grad_q"
+    for wanted in ("q", "k", "v"):
+        leaves = {name: t.detach().requires_grad_(name == wanted) for name, t in zip("qkv", (q, k, v))}
+        oclear_ext.concept_attention(leaves["q"], leaves["k"], leaves["v"], mask).backward(grad_out)
+        # Same kernels; a shared memory's dK, dV are summed with float32 atomics (order may differ).
+        torch.testing.assert_close(leaves[wanted].grad, full["qkv".index(wanted) + 1])
 
 
 def test_cuda_fully_padded_rows_and_float64_error():

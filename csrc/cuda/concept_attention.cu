@@ -15,13 +15,18 @@
 // Shared-memory rows are padded to Dh + 1 floats so that lane j reading row j is conflict-free.
 #include "concept_attention.cuh"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <algorithm>
+
+#include "attention_device.cuh"
 
 namespace oclear::cuda {
 namespace {
+
+using attention::from_float;
+using attention::kFull;
+using attention::to_float;
+using attention::warp_max;
+using attention::warp_sum;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
@@ -30,39 +35,7 @@ constexpr int kQueryTile = kWarps * kRowsPerWarp;  // queries per forward / dq b
 constexpr int kKeyTile = 32;                        // keys staged per step (one per lane)
 constexpr int kKeyRows = kWarps * kRowsPerWarp;     // keys per dk/dv block
 constexpr int kQueryStage = 32;                     // queries staged per step in the dk/dv kernel
-constexpr unsigned kFull = 0xffffffffu;
 constexpr int kDefaultSharedBytes = 48 * 1024;
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16(x);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half(x);
-}
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(kFull, x, o));
-  return x;
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(kFull, x, o);
-  return x;
-}
 
 __device__ __forceinline__ float dot(const float* a, const float* b, int n) {
   float acc = 0.f;
@@ -413,6 +386,16 @@ cudaError_t forward_typed(const AttentionArgs& a, void* out, float* lse, cudaStr
   return cudaGetLastError();
 }
 
+// A shared memory's dK, dV: the float32 accumulators cast to the input dtype.
+template <typename scalar_t>
+cudaError_t cast_accumulators(const Params& p, const AttentionGrads& g, cudaStream_t stream) {
+  const int64_t n = p.heads * p.lk * p.dh;
+  const unsigned cast_blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096));
+  if (g.grad_k != nullptr) cast_kernel<scalar_t><<<cast_blocks, 256, 0, stream>>>(g.acc_k, static_cast<scalar_t*>(g.grad_k), n);
+  if (g.grad_v != nullptr) cast_kernel<scalar_t><<<cast_blocks, 256, 0, stream>>>(g.acc_v, static_cast<scalar_t*>(g.grad_v), n);
+  return cudaGetLastError();
+}
+
 template <typename scalar_t, int kCols>
 cudaError_t backward_typed(const AttentionArgs& a, const AttentionGrads& g, cudaStream_t stream) {
   const Params p = make_params(a);
@@ -448,12 +431,7 @@ cudaError_t backward_typed(const AttentionArgs& a, const AttentionGrads& g, cuda
       p, chunks, q, k, v, grad_out, g.lse, g.delta, grad_k, grad_v, g.acc_k, g.acc_v);
   err = cudaGetLastError();
   if (err != cudaSuccess || !p.kv_broadcast) return err;
-
-  const int64_t n = p.heads * p.lk * p.dh;
-  const unsigned cast_blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096));
-  if (grad_k != nullptr) cast_kernel<scalar_t><<<cast_blocks, 256, 0, stream>>>(g.acc_k, grad_k, n);
-  if (grad_v != nullptr) cast_kernel<scalar_t><<<cast_blocks, 256, 0, stream>>>(g.acc_v, grad_v, n);
-  return cudaGetLastError();
+  return cast_accumulators<scalar_t>(p, g, stream);
 }
 
 // Dispatch on the dtype and on Dh / 32 rounded up to a power of two (columns per lane).
@@ -504,11 +482,19 @@ struct Backward {
 
 cudaError_t concept_attention_forward(const AttentionArgs& args, void* out, float* lse, cudaStream_t stream) {
   if (args.dh < 1 || args.dh > 256) return cudaErrorInvalidValue;
+  if (args.tensor_cores && concept_attention_tc_eligible(args)) return concept_attention_forward_tc(args, out, lse, stream);
   return dispatch<Forward>(args, out, lse, stream);
 }
 
 cudaError_t concept_attention_backward(const AttentionArgs& args, const AttentionGrads& grads, cudaStream_t stream) {
   if (args.dh < 1 || args.dh > 256) return cudaErrorInvalidValue;
+  if (args.tensor_cores && concept_attention_tc_eligible(args)) {
+    const cudaError_t err = concept_attention_backward_tc(args, grads, stream);
+    if (err != cudaSuccess || !args.kv_broadcast) return err;
+    const Params p = make_params(args);
+    return args.dtype == AttentionDtype::kBFloat16 ? cast_accumulators<__nv_bfloat16>(p, grads, stream)
+                                                    : cast_accumulators<__half>(p, grads, stream);
+  }
   return dispatch<Backward>(args, grads, stream);
 }
 

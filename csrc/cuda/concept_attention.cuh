@@ -22,6 +22,9 @@ struct AttentionArgs {
   const bool* mask;  // contiguous (B, Lk), true = padding; null = none
   float scale;
   AttentionDtype dtype;
+  // Opt in to the tensor-core (WMMA) kernels where they apply (concept_attention_tc_eligible); the
+  // glue sets it from OCLEAR_CUDA_ATTENTION_TC=1 on sm_80+. Off by default until verified on a GPU.
+  bool tensor_cores = false;
 };
 
 // Backward buffers. grad_out and out contiguous (B, H, Lq, Dh); lse, delta (B, H, Lq) float32
@@ -43,5 +46,12 @@ struct AttentionGrads {
 cudaError_t concept_attention_forward(const AttentionArgs& args, void* out, float* lse, cudaStream_t stream);
 
 cudaError_t concept_attention_backward(const AttentionArgs& args, const AttentionGrads& grads, cudaStream_t stream);
+
+// The tensor-core path (concept_attention_tc.cu): bfloat16 / float16, Dh in {16, 32, 64}, whole key rows
+// (Lk <= 256, within 200 KiB of shared memory) in shared memory. The two launchers above call it when args.tensor_cores is set and
+// this says it applies.
+bool concept_attention_tc_eligible(const AttentionArgs& args);
+cudaError_t concept_attention_forward_tc(const AttentionArgs& args, void* out, float* lse, cudaStream_t stream);
+cudaError_t concept_attention_backward_tc(const AttentionArgs& args, const AttentionGrads& grads, cudaStream_t stream);
 
 }  // namespace oclear::cuda
