@@ -37,11 +37,10 @@ if ! { cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DOCL
   echo "cuda gate: FAILED to compile the CUDA kernels (full log: $log)" >&2
   exit 1
 fi
-# Allowed spills: float64 instantiations (correctness paths), and three concept-attention instantiations on
-# sm_80 only (forward for Dh 33..64: 16/24 bytes; dK/dV for Dh 65..128: 16/24 bytes; the tensor-core dK/dV
-# for Dh = 64, which holds 16 accumulator tiles: 24/52 bytes; sm_90 is clean). They are to be removed when
-# the kernels are tuned on a GPU, not hidden: the report lists them.
-allow='<double(, double)?>|^sm_80 .*::(forward_kernel<[^,]+, 2>|backward_dkdv_kernel<[^,]+, 4>|dkdv_tc_kernel<[^,]+, 64>)\('
+# Allowed spills: float64 instantiations (correctness paths), and two concept-attention instantiations on
+# sm_80 only (forward for Dh 33..64: 16/24 bytes; dK/dV for Dh 65..128: 16/24 bytes; sm_90 is clean).
+# They are to be removed when the kernels are tuned on a GPU (issue 10), not hidden: the report lists them.
+allow='<double(, double)?>|^sm_80 .*::(forward_kernel<[^,]+, 2>|backward_dkdv_kernel<[^,]+, 4>)\('
 python .ci/ptxas_report.py "$log" --allow-spills "$allow" | tee "$LOG_DIR/cuda_gate_ptxas.txt"
 
 torch_includes=$(python -c "from torch.utils.cpp_extension import include_paths; print(' '.join(include_paths()))")

@@ -129,11 +129,12 @@ __host__ __device__ inline QueryLayout query_layout(int dh, int lkp, bool backwa
   return l;
 }
 
-// Shared memory of the dk/dv kernel: the block's K and V rows [64][dh + 8]; the staged queries' Q and dO
-// [64][dh + 8], lse and delta [64]; per warp S^T and dP^T [16][64 + 4] (float32, adjacent: together they
-// also stage the 16 x dh results) and P^T and dS^T [16][64 + 8] (16-bit).
+// Shared memory of the dk/dv kernel: the block's K and V rows [64][dh + 8] and which of its keys the current
+// batch element attends to [64]; the staged queries' Q and dO [64][dh + 8], lse and delta [64]; per warp
+// S^T and dP^T [16][64 + 4] (float32; S^T also stages the 16 x dh results, dh + 4 <= 68) and P^T and
+// dS^T [16][64 + 8] (16-bit).
 struct KeyLayout {
-  size_t k, v, q, dout, lse, delta, warps, per_warp, st, dpt, pt, dst, total;
+  size_t k, v, key_ok, q, dout, lse, delta, warps, per_warp, st, dpt, pt, dst, total;
 };
 
 __host__ __device__ inline KeyLayout key_layout(int dh) {
@@ -144,6 +145,8 @@ __host__ __device__ inline KeyLayout key_layout(int dh) {
   o = align128(o + rows16);
   l.v = o;
   o = align128(o + rows16);
+  l.key_ok = o;
+  o = align128(o + kRows);
   l.q = o;
   o = align128(o + stage16);
   l.dout = o;
@@ -399,10 +402,11 @@ __device__ __forceinline__ void write_key_rows(const TcParams& p, FragC (&frags)
 
 // ------------------------------------------------------------------------------------------------
 // Backward 2: dv_j = sum_i P_ij dO_i, dk_j = scale * sum_i dS_ij q_i over one batch element (per-batch
-// keys) or a chunk of the batch (shared keys)
+// keys) or a chunk of the batch (shared keys). Launch bounds with one block per SM: the 2 x dh / 16
+// accumulator tiles live in registers (up to 254 at Dh = 64), which ptxas otherwise caps and spills.
 // ------------------------------------------------------------------------------------------------
 template <typename T, int kDh>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     dkdv_tc_kernel(TcParams p, int64_t batch_chunks, const T* __restrict__ q, const T* __restrict__ k,
                    const T* __restrict__ v, const T* __restrict__ grad_out, const float* __restrict__ lse,
                    const float* __restrict__ delta, T* __restrict__ grad_k, T* __restrict__ grad_v,
@@ -419,6 +423,7 @@ __global__ void __launch_bounds__(kThreads)
   T* vb = reinterpret_cast<T*>(smem + lay.v);
   T* qs = reinterpret_cast<T*>(smem + lay.q);
   T* dos = reinterpret_cast<T*>(smem + lay.dout);
+  bool* key_ok = reinterpret_cast<bool*>(smem + lay.key_ok);
   float* lse_s = reinterpret_cast<float*>(smem + lay.lse);
   float* delta_s = reinterpret_cast<float*>(smem + lay.delta);
   unsigned char* mine = smem + lay.warps + warp * lay.per_warp;
@@ -461,6 +466,7 @@ __global__ void __launch_bounds__(kThreads)
         lse_s[t] = i < p.lq ? lse[bh * p.lq + i] : -INFINITY;
         delta_s[t] = i < p.lq ? delta[bh * p.lq + i] : 0.f;
       }
+      for (int t = threadIdx.x; t < kRows; t += kThreads) key_ok[t] = is_key(p, b, tile * kRows + t);
       __syncthreads();
       if (jw >= p.lk) continue;  // warp-uniform: this warp has no keys (its barriers are still met)
       tile_product<T, false>(st, ldst, kw, ld16, qs, ld16, kQueryStage / kTile, kTilesD);    // S^T = K Q^T
@@ -469,7 +475,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int x = lane; x < kTile * kQueryStage; x += 32) {
         const int r = x / kQueryStage, t = x - r * kQueryStage;
         const float l = lse_s[t];
-        const float pr = (!is_key(p, b, jw + r) || l == -INFINITY)
+        const float pr = (!key_ok[warp * kTile + r] || l == -INFINITY)
                              ? 0.f
                              : __expf(fminf(st[r * ldst + t] * p.scale - l, 0.f));
         pt[r * ldpt + t] = from_float<T>(pr);
@@ -494,7 +500,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (jw >= p.lk) return;  // no barrier follows
 
-  // The 16 x dh results through shared memory (S^T and dP^T, adjacent, hold 16 x (dh + 4) floats).
+  // The 16 x dh results through shared memory (S^T holds 16 x (dh + 4) floats).
   write_key_rows<T, kDh>(p, dk, st, grad_k, acc_k, p.scale, h, jw, chunk);
   write_key_rows<T, kDh>(p, dv, st, grad_v, acc_v, 1.f, h, jw, chunk);
 #endif
@@ -594,6 +600,12 @@ bool concept_attention_tc_eligible(const AttentionArgs& a) {
   int device = 0, optin = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    return false;
+  }
+  // The kernels this build runs on this device must come from sm_80+ code: a build for older
+  // architectures only (e.g. TORCH_CUDA_ARCH_LIST="7.5+PTX" JIT-compiled here) holds kernels that trap.
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, forward_tc_kernel<__nv_bfloat16, 16>) != cudaSuccess || attr.ptxVersion < 80) {
     return false;
   }
   const size_t limit = static_cast<size_t>(optin) < kMaxSharedBytes ? static_cast<size_t>(optin) : kMaxSharedBytes;
