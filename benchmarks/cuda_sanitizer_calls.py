@@ -10,8 +10,9 @@ expected), N = 1, and an empty batch; then hardest_classes (its chunked merge in
 each dtype with and without excluded classes; then concept_attention forward+backward for float32 /
 bfloat16 / float16 over query tiles with a ragged edge, key counts below, at and above a tile, head
 dims 16 to 256, shared and per-batch memories, random and fully padded rows, and the same for the
-tensor-core kernels (OCLEAR_CUDA_ATTENTION_TC=1) in bfloat16 / float16. Every result is checked for NaN / inf, so a run that the
-sanitizer passes also computed something finite. Exit status 0 when every call behaved.
+tensor-core kernels (OCLEAR_CUDA_ATTENTION_TC=1) in bfloat16 / float16. Every result is checked for
+NaN / inf, so a run that the sanitizer passes also computed something finite. Exit status 0 when every
+call behaved.
 """
 
 from __future__ import annotations

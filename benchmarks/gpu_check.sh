@@ -120,7 +120,7 @@ run_sanitize() {
 
 run_bench() {
   (cd "$OUT" && timeout "$(limit 300)" "$PY" "$REPO/benchmarks/bench_margin_softmax.py" --device cuda --out "$OUT") > "$OUT/bench.log" 2>&1 || return $?
-  # The classes-per-chunk default of the CUDA glue is an estimate: sweep it at C = 1M.
+  # The classes-per-chunk default of the CUDA glue comes from this sweep at C = 1M: re-check it.
   (cd "$OUT" && timeout "$(limit 200)" "$PY" "$REPO/benchmarks/bench_margin_softmax.py" --device cuda --out "$OUT" --sizes 1048576 \
      --chunks 2048 4096 8192 16384 32768 65536 --tag _chunk_sweep) > "$OUT/bench_chunk_sweep.log" 2>&1
 }

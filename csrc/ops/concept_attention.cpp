@@ -154,9 +154,11 @@ cuda::AttentionArgs cuda_args(const at::Tensor& q, const at::Tensor& k, const at
   a.dtype = cuda_dtype(q.scalar_type());
   // OCLEAR_CUDA_ATTENTION_TC=1: the tensor-core kernels where they apply (bf16 / fp16 WMMA needs sm_80+).
   // Opt-in until a GPU run has verified them; read at every call, like the other CUDA debug switches.
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
-  a.tensor_cores = major >= 8 && cuda_glue::env_flag("OCLEAR_CUDA_ATTENTION_TC", false);
+  if (cuda_glue::env_flag("OCLEAR_CUDA_ATTENTION_TC", false)) {
+    int major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
+    a.tensor_cores = major >= 8;
+  }
   return a;
 }
 
