@@ -22,9 +22,9 @@
 #             C in {65536, 262144, 1048576, 4194304}: fused vs reference vs three bf16 GEMMs vs
 #             linear_cross_entropy / cut-cross-entropy / Liger when present), then a sweep of the
 #             glue's classes-per-chunk at C = 1M     -> bench.log, bench_chunk_sweep.log, *.json, *.png
-#   profile   benchmarks/profile_concept_attention.py: torch.profiler's kernel table   -> profile.log
+#   profile   benchmarks/profile_cuda.py: torch.profiler kernel tables (attention, margin softmax) -> profile.log
 # Measured on an H100 (2026-11-25, MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0): build 90-100 s, test 50 s,
-# attention 25 s, train 17 s, sanitize 66-117 s, bench 27 s, profile ~15 s.
+# attention 25 s, train 17 s, sanitize 66-117 s, bench 27 s, profile ~15 s (then: CUDA-core attention only).
 # GPU_CHECK_SECONDS=N bounds the whole run: each phase's timeout is cut to what is left, and a phase
 # with under 15 s left is skipped (said so in the summary), so that a lease ends with logs, not a kill.
 # $OUT/summary.txt lists each phase's status and time.
@@ -126,7 +126,7 @@ run_bench() {
 }
 
 run_profile() {
-  (cd "$OUT" && timeout "$(limit 90)" "$PY" "$REPO/benchmarks/profile_concept_attention.py") > "$OUT/profile.log" 2>&1
+  (cd "$OUT" && timeout "$(limit 90)" "$PY" "$REPO/benchmarks/profile_cuda.py") > "$OUT/profile.log" 2>&1
 }
 
 for phase in "${PHASES[@]}"; do
