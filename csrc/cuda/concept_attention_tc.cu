@@ -506,6 +506,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+#ifndef OCLEAR_CUDA_EMULATION  // the CPU emulation test (csrc/tests/cuda_emulation) launches the kernels itself
 // ------------------------------------------------------------------------------------------------
 // Launchers
 // ------------------------------------------------------------------------------------------------
@@ -589,8 +590,10 @@ struct Backward {
   }
 };
 
+#endif  // OCLEAR_CUDA_EMULATION
 }  // namespace
 
+#ifndef OCLEAR_CUDA_EMULATION
 bool concept_attention_tc_eligible(const AttentionArgs& a) {
   if (a.dtype == AttentionDtype::kFloat32) return false;
   if (a.dh != 16 && a.dh != 32 && a.dh != 64) return false;
@@ -621,5 +624,7 @@ cudaError_t concept_attention_backward_tc(const AttentionArgs& args, const Atten
   if (!concept_attention_tc_eligible(args)) return cudaErrorInvalidValue;
   return dispatch<Backward>(args, grads, stream);
 }
+
+#endif  // OCLEAR_CUDA_EMULATION
 
 }  // namespace oclear::cuda
