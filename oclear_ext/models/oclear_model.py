@@ -64,9 +64,10 @@ class OclearModel(nn.Module):
         self.fusion = (ConceptAwareFusion(config.dim, num_concepts=config.num_concepts, num_heads=config.num_heads)
                        if config.fusion else None)
         if self.fusion is not None:
-            # The text context W c starts at zero, so a fresh model's docs are its image-only docs and text
-            # joins only as far as training finds it useful (a zero-initialised residual branch).
-            nn.init.zeros_(self.fusion.context.weight)
+            # The text context W c starts small: text joins a fresh model's docs only slightly and as far as
+            # training finds it useful. Not zero: the text loss classifies normalize(W c), whose direction
+            # is undefined (and its gradient unbounded) at W = 0.
+            nn.init.normal_(self.fusion.context.weight, std=0.02)
 
     def embed_queries(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) in [0, 1] -> (B, D)."""
@@ -88,7 +89,7 @@ class OclearModel(nn.Module):
 
         The encoder runs once over all images; text is read for doc rows only. text_keep (B,) bool (default
         all): doc rows whose text joins their embedding; the others are embedded image-only, exactly
-        (text dropout). return_text=True also returns the text embeddings normalize(c) (B, D) of every doc
+        (text dropout). return_text=True also returns the text embeddings normalize(W c) (B, D) of every doc
         with text, kept or not (zero rows elsewhere), and which rows have one (B,) bool: trained to classify
         on their own, they make the text path learn what a title says about the class.
         """
@@ -110,7 +111,8 @@ class OclearModel(nn.Module):
                 keep = torch.ones(d.numel(), 1, device=v.device) if text_keep is None else text_keep[d, None].to(v.dtype)
                 docs, _ = self.fusion.mix(v, c * keep)  # a dropped text: c = 0, the image-only doc exactly
                 present = ~padding.all(dim=1)
-                text_emb[d[present]] = F.normalize(c[present], dim=1).to(out.dtype)
+                # What the doc adds to its image embedding (up to the gate), trained to classify on its own.
+                text_emb[d[present]] = F.normalize(self.fusion.context(c[present]), dim=1).to(out.dtype)
                 has_text[d[present]] = True
             out[d] = docs.to(out.dtype)
         return (out, text_emb, has_text) if return_text else out
