@@ -11,8 +11,9 @@ the demo's settings (frozen EfficientNet-Lite0 + MiniLM, 6 epochs) and seeds 0, 
            embedding, fitted on the training classes (a fixed-target, strongly regularised text path)
 
     python benchmarks/fusion_validation.py [--work DIR] [--seeds 0 1 2]    (~10 min on 2 cores)
+    python benchmarks/fusion_validation.py --configs '[{"fusion": false}, {}]' --seeds 0 1 2 3 4 5 6 7 --tag _8seeds
 
-Writes results/fusion_validation_cpu.json; the log is what it prints.
+Writes results/fusion_validation_cpu<tag>.json; the log is what it prints.
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="fusion-validation-work")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--configs", type=json.loads, default=CONFIGS,
+                        help="JSON list of TrainConfig overrides (default: the list in this file; {} = the defaults)")
+    parser.add_argument("--tag", default="", help="suffix of the result file name")
     args = parser.parse_args()
     work = Path(args.work)
     train_path, val_path = make_split(work)
@@ -108,7 +112,7 @@ def main() -> None:
     print(f"fusion validation: {len(load_manifest(val_path).indices('query'))} validation queries, seeds {args.seeds}, "
           f"torch {env['torch']}, git {env['git']['commit'][:10]}", flush=True)
     rows, probes = [], []
-    for config in CONFIGS:
+    for config in args.configs:
         per_seed = []
         for seed in args.seeds:
             model = train_model(train_path, work, seed, **config)
@@ -119,12 +123,12 @@ def main() -> None:
         rows.append({"config": config, "R@1": r1, "mAP@10": ap})
         print(f"{json.dumps(config):48s} R@1 {statistics.mean(r1):.4f} {[round(v, 4) for v in r1]}  "
               f"mAP@10 {statistics.mean(ap):.4f} {[round(v, 4) for v in ap]}", flush=True)
-    for name in probes[0]:
+    for name in probes[0] if probes else []:
         r1 = [p[name]["R@1"] for p in probes]
         ap = [p[name]["mAP@10"] for p in probes]
         print(f"probe {name:34s} R@1 {statistics.mean(r1):.4f} {[round(v, 4) for v in r1]}  "
               f"mAP@10 {statistics.mean(ap):.4f}", flush=True)
-    path = common.write_json("fusion_validation_cpu.json",
+    path = common.write_json(f"fusion_validation_cpu{args.tag}.json",
                              {"benchmark": "fusion_validation", "environment": env, "seeds": args.seeds,
                               "rows": rows, "probe": probes})
     print(f"wrote {path}")
