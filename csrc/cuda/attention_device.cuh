@@ -1,8 +1,11 @@
-// Device helpers shared by the concept-attention kernels (CUDA cores and tensor cores).
+// Helpers shared by the concept-attention kernels (CUDA cores and tensor cores).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
 
 namespace oclear::cuda::attention {
 
@@ -37,6 +40,13 @@ __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(kFull, x, o);
   return x;
+}
+
+// Host: a kernel launched with more than the default 48 KiB of dynamic shared memory must opt in first.
+template <typename Kernel>
+cudaError_t allow_shared(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
 }  // namespace oclear::cuda::attention

@@ -22,6 +22,7 @@
 namespace oclear::cuda {
 namespace {
 
+using attention::allow_shared;
 using attention::from_float;
 using attention::kFull;
 using attention::to_float;
@@ -35,7 +36,6 @@ constexpr int kQueryTile = kWarps * kRowsPerWarp;  // queries per forward / dq b
 constexpr int kKeyTile = 32;                        // keys staged per step (one per lane)
 constexpr int kKeyRows = kWarps * kRowsPerWarp;     // keys per dk/dv block
 constexpr int kQueryStage = 32;                     // queries staged per step in the dk/dv kernel
-constexpr int kDefaultSharedBytes = 48 * 1024;
 
 __device__ __forceinline__ float dot(const float* a, const float* b, int n) {
   float acc = 0.f;
@@ -366,12 +366,6 @@ __global__ void cast_kernel(const float* __restrict__ src, scalar_t* __restrict_
 // ------------------------------------------------------------------------------------------------
 // Launchers
 // ------------------------------------------------------------------------------------------------
-template <typename Kernel>
-cudaError_t allow_shared(Kernel kernel, size_t bytes) {
-  if (bytes <= static_cast<size_t>(kDefaultSharedBytes)) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-}
-
 template <typename scalar_t, int kCols>
 cudaError_t forward_typed(const AttentionArgs& a, void* out, float* lse, cudaStream_t stream) {
   const Params p = make_params(a);

@@ -28,12 +28,15 @@ namespace oclear::cuda {
 namespace {
 
 namespace wmma = nvcuda::wmma;
+using attention::allow_shared;
 using attention::from_float;
 using attention::warp_max;
 using attention::warp_sum;
 
 constexpr int kTile = 16;  // WMMA tile edge
 constexpr int kWarps = 4;
+// Every kernel declares __launch_bounds__(kThreads, 1): without the one-block minimum ptxas caps their
+// registers and spills (the dK/dV kernel holds 2 x dh / 16 accumulator tiles, up to 254 registers).
 constexpr int kThreads = 32 * kWarps;
 constexpr int kRows = kTile * kWarps;  // queries per forward / dq block, keys per dk/dv block
 constexpr int kQueryStage = 64;        // queries staged per step of the dk/dv kernel
@@ -222,11 +225,42 @@ __device__ __forceinline__ void tile_product(float* out, int ldo, const T* a, in
   }
 }
 
+// A block of the forward / dq grid (outer = batch element, tiles of 64 queries) or of the dk/dv grid
+// (outer = batch element or chunk, tiles of 64 keys): blockIdx.x = (outer * heads + h) * tiles + tile.
+struct BlockIndex {
+  int64_t tile, h, outer;
+};
+
+__device__ __forceinline__ BlockIndex block_index(int64_t rows, int64_t heads) {
+  const int64_t tiles = (rows + kRows - 1) / kRows;
+  return {blockIdx.x % tiles, (blockIdx.x / tiles) % heads, blockIdx.x / (tiles * heads)};
+}
+
+// Rows [row0, row0 + rows) of the (b, h) slice of q, k or v (strides of (batch, head, row); the batch
+// stride is 0 for a shared memory) into shared-memory rows of kDh + 8 elements.
+template <typename T, int kDh>
+__device__ __forceinline__ void stage_slice(T* dst, const T* base, const int64_t* strides, bool vec, int64_t b,
+                                            int64_t h, int64_t row0, int rows, int64_t limit, int tid, int nthreads) {
+  stage_rows(dst, kDh + kPad16, base + b * strides[0] + h * strides[1], strides[2], row0, rows, limit, kDh, vec, tid,
+             nthreads);
+}
+
+// What the forward and dq blocks stage alike: the (b, h) keys, values and key bias (0 or -inf, keys past
+// Lk included) by the whole block, and the warp's 16 query rows from r0 by the warp.
+template <typename T, int kDh>
+__device__ __forceinline__ void stage_query_block(const TcParams& p, int64_t b, int64_t h, int64_t r0, const T* q,
+                                                  const T* k, const T* v, T* ks, T* vs, float* bias, T* qs) {
+  stage_slice<T, kDh>(ks, k, p.k_strides, p.vec_k, b, h, 0, p.lkp, p.lk, threadIdx.x, kThreads);
+  stage_slice<T, kDh>(vs, v, p.v_strides, p.vec_v, b, h, 0, p.lkp, p.lk, threadIdx.x, kThreads);
+  for (int j = threadIdx.x; j < p.lkp; j += kThreads) bias[j] = is_key(p, b, j) ? 0.f : -INFINITY;
+  stage_slice<T, kDh>(qs, q, p.q_strides, p.vec_q, b, h, r0, kTile, p.lq, threadIdx.x % 32, 32);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------
 template <typename T, int kDh>
-__global__ void __launch_bounds__(kThreads) forward_tc_kernel(TcParams p, const T* __restrict__ q, const T* __restrict__ k,
+__global__ void __launch_bounds__(kThreads, 1) forward_tc_kernel(TcParams p, const T* __restrict__ q, const T* __restrict__ k,
                                                               const T* __restrict__ v, T* __restrict__ out,
                                                               float* __restrict__ lse) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -245,20 +279,11 @@ __global__ void __launch_bounds__(kThreads) forward_tc_kernel(TcParams p, const 
   float* ss = reinterpret_cast<float*>(mine + lay.s);
   T* ps = reinterpret_cast<T*>(mine + lay.p);
 
-  const int64_t tiles = (p.lq + kRows - 1) / kRows;
-  const int64_t tile = blockIdx.x % tiles;
-  const int64_t h = (blockIdx.x / tiles) % p.heads;
-  const int64_t b = blockIdx.x / (tiles * p.heads);
-  const int64_t bh = b * p.heads + h;
-  const int64_t r0 = tile * kRows + warp * kTile;  // this warp's first query
+  const BlockIndex blk = block_index(p.lq, p.heads);
+  const int64_t b = blk.outer, h = blk.h, bh = b * p.heads + h;
+  const int64_t r0 = blk.tile * kRows + warp * kTile;  // this warp's first query
 
-  stage_rows(ks, ld16, k + b * p.k_strides[0] + h * p.k_strides[1], p.k_strides[2], 0, lkp, p.lk, kDh, p.vec_k,
-             threadIdx.x, kThreads);
-  stage_rows(vs, ld16, v + b * p.v_strides[0] + h * p.v_strides[1], p.v_strides[2], 0, lkp, p.lk, kDh, p.vec_v,
-             threadIdx.x, kThreads);
-  for (int j = threadIdx.x; j < lkp; j += kThreads) bias[j] = is_key(p, b, j) ? 0.f : -INFINITY;
-  stage_rows(qs, ld16, q + b * p.q_strides[0] + h * p.q_strides[1], p.q_strides[2], r0, kTile, p.lq, kDh, p.vec_q, lane,
-             32);
+  stage_query_block<T, kDh>(p, b, h, r0, q, k, v, ks, vs, bias, qs);
   __syncthreads();
   if (r0 >= p.lq) return;  // warp-uniform; no barrier follows
 
@@ -295,7 +320,7 @@ __global__ void __launch_bounds__(kThreads) forward_tc_kernel(TcParams p, const 
 // Backward 1: delta = rowsum(dO * O), dq = scale * dS K
 // ------------------------------------------------------------------------------------------------
 template <typename T, int kDh>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     dq_tc_kernel(TcParams p, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                  const T* __restrict__ grad_out, const T* __restrict__ out, const float* __restrict__ lse,
                  float* __restrict__ delta, T* __restrict__ grad_q) {
@@ -319,22 +344,11 @@ __global__ void __launch_bounds__(kThreads)
   float* row_lse = reinterpret_cast<float*>(mine + lay.stats);
   float* row_delta = row_lse + kTile;
 
-  const int64_t tiles = (p.lq + kRows - 1) / kRows;
-  const int64_t tile = blockIdx.x % tiles;
-  const int64_t h = (blockIdx.x / tiles) % p.heads;
-  const int64_t b = blockIdx.x / (tiles * p.heads);
-  const int64_t bh = b * p.heads + h;
-  const int64_t r0 = tile * kRows + warp * kTile;
+  const BlockIndex blk = block_index(p.lq, p.heads);
+  const int64_t b = blk.outer, h = blk.h, bh = b * p.heads + h;
+  const int64_t r0 = blk.tile * kRows + warp * kTile;
 
-  if (grad_q != nullptr) {  // block-uniform
-    stage_rows(ks, ld16, k + b * p.k_strides[0] + h * p.k_strides[1], p.k_strides[2], 0, lkp, p.lk, kDh, p.vec_k,
-               threadIdx.x, kThreads);
-    stage_rows(vs, ld16, v + b * p.v_strides[0] + h * p.v_strides[1], p.v_strides[2], 0, lkp, p.lk, kDh, p.vec_v,
-               threadIdx.x, kThreads);
-    for (int j = threadIdx.x; j < lkp; j += kThreads) bias[j] = is_key(p, b, j) ? 0.f : -INFINITY;
-    stage_rows(qs, ld16, q + b * p.q_strides[0] + h * p.q_strides[1], p.q_strides[2], r0, kTile, p.lq, kDh, p.vec_q,
-               lane, 32);
-  }
+  if (grad_q != nullptr) stage_query_block<T, kDh>(p, b, h, r0, q, k, v, ks, vs, bias, qs);  // block-uniform
   stage_rows(dos, ld16, grad_out + bh * p.lq * kDh, kDh, r0, kTile, p.lq, kDh, p.vec_go, lane, 32);
   __syncwarp();
   for (int r = 0; r < kTile; ++r) {
@@ -402,8 +416,7 @@ __device__ __forceinline__ void write_key_rows(const TcParams& p, FragC (&frags)
 
 // ------------------------------------------------------------------------------------------------
 // Backward 2: dv_j = sum_i P_ij dO_i, dk_j = scale * sum_i dS_ij q_i over one batch element (per-batch
-// keys) or a chunk of the batch (shared keys). Launch bounds with one block per SM: the 2 x dh / 16
-// accumulator tiles live in registers (up to 254 at Dh = 64), which ptxas otherwise caps and spills.
+// keys) or a chunk of the batch (shared keys).
 // ------------------------------------------------------------------------------------------------
 template <typename T, int kDh>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -432,19 +445,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   T* pt = reinterpret_cast<T*>(mine + lay.pt);
   T* dst = reinterpret_cast<T*>(mine + lay.dst);
 
-  const int64_t tiles = (p.lk + kRows - 1) / kRows;
-  const int64_t tile = blockIdx.x % tiles;
-  const int64_t h = (blockIdx.x / tiles) % p.heads;
-  const int64_t chunk = blockIdx.x / (tiles * p.heads);
+  const BlockIndex blk = block_index(p.lk, p.heads);
+  const int64_t tile = blk.tile, h = blk.h, chunk = blk.outer;
   const int64_t jw = tile * kRows + warp * kTile;  // this warp's first key
   const T* kw = kb + warp * kTile * ld16;
   const T* vw = vb + warp * kTile * ld16;
 
-  const int64_t kb0 = p.kv_broadcast ? 0 : chunk;
-  stage_rows(kb, ld16, k + kb0 * p.k_strides[0] + h * p.k_strides[1], p.k_strides[2], tile * kRows, kRows, p.lk, kDh,
-             p.vec_k, threadIdx.x, kThreads);
-  stage_rows(vb, ld16, v + kb0 * p.v_strides[0] + h * p.v_strides[1], p.v_strides[2], tile * kRows, kRows, p.lk, kDh,
-             p.vec_v, threadIdx.x, kThreads);
+  // The block's keys and values: batch element `chunk` (a shared memory's batch stride is 0).
+  stage_slice<T, kDh>(kb, k, p.k_strides, p.vec_k, chunk, h, tile * kRows, kRows, p.lk, threadIdx.x, kThreads);
+  stage_slice<T, kDh>(vb, v, p.v_strides, p.vec_v, chunk, h, tile * kRows, kRows, p.lk, threadIdx.x, kThreads);
 
   FragC dk[kTilesD], dv[kTilesD];
 #pragma unroll
@@ -457,8 +466,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t bh = b * p.heads + h;
     for (int64_t i0 = 0; i0 < p.lq; i0 += kQueryStage) {
       __syncthreads();  // the previous stage is consumed (and, the first time, K and V are staged)
-      stage_rows(qs, ld16, q + b * p.q_strides[0] + h * p.q_strides[1], p.q_strides[2], i0, kQueryStage, p.lq, kDh,
-                 p.vec_q, threadIdx.x, kThreads);
+      stage_slice<T, kDh>(qs, q, p.q_strides, p.vec_q, b, h, i0, kQueryStage, p.lq, threadIdx.x, kThreads);
       stage_rows(dos, ld16, grad_out + bh * p.lq * kDh, kDh, i0, kQueryStage, p.lq, kDh, p.vec_go, threadIdx.x,
                  kThreads);
       for (int t = threadIdx.x; t < kQueryStage; t += kThreads) {
@@ -510,12 +518,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 // ------------------------------------------------------------------------------------------------
 // Launchers
 // ------------------------------------------------------------------------------------------------
-template <typename Kernel>
-cudaError_t allow_shared(Kernel kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-}
-
 template <typename T, int kDh>
 cudaError_t forward_typed(const AttentionArgs& a, void* out, float* lse, cudaStream_t stream) {
   const TcParams p = make_params(a, nullptr);
