@@ -159,6 +159,24 @@ def test_feature_cache_evicts_the_least_recently_used_beyond_its_bound():
         FeatureCache(max_bytes=-1)
 
 
+def test_feature_cache_fetch_computes_each_missing_key_once():
+    from oclear_ext.models.feature_cache import FeatureCache
+
+    cache = FeatureCache()
+    cache.put("a", torch.zeros(2))
+    asked = []
+
+    def compute(positions):
+        asked.append(positions)
+        return torch.stack([torch.full((2,), float(p)) for p in positions])  # rows of one batch
+
+    got = cache.fetch(["b", "a", "c", "b"], compute)
+    assert asked == [[0, 2]]  # b and c, at their first positions; a was cached
+    assert [g.tolist() for g in got] == [[0.0, 0.0], [0.0, 0.0], [2.0, 2.0], [0.0, 0.0]]
+    assert got[0].untyped_storage().nbytes() == 8  # its own storage, not a view of the batch
+    assert cache.fetch(["c"], compute)[0].tolist() == [2.0, 2.0] and len(asked) == 1
+
+
 def test_encoders_return_features_that_outgrow_their_cache(monkeypatch):
     from oclear_ext.models.feature_cache import FeatureCache
     from oclear_ext.models.minilm import MiniLMTextEncoder

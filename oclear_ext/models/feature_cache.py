@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Sequence
 
 from torch import Tensor
 
@@ -41,6 +41,21 @@ class FeatureCache:
         self.bytes += value.nbytes
         while self.bytes > self.max_bytes and self._entries:
             self.bytes -= self._entries.popitem(last=False)[1].nbytes
+
+    def fetch(self, keys: Sequence[Hashable], compute: Callable[[list[int]], Sequence[Tensor]]) -> list[Tensor]:
+        """The value of every key: cached ones as they are, the others from compute(positions) (the first
+        position of each distinct missing key; it returns their values in that order), which are then
+        cached. The returned values stay whole even when the cache cannot hold them all."""
+        found = {k: self.get(k) for k in set(keys) if k in self}
+        first: dict[Hashable, int] = {}
+        for i, key in enumerate(keys):
+            if key not in found:
+                first.setdefault(key, i)
+        if first:
+            for key, value in zip(first, compute(list(first.values()))):
+                found[key] = value.detach().cpu().clone()  # its own storage: a view would keep its batch alive
+                self.put(key, found[key])
+        return [found[k] for k in keys]
 
     def clear(self) -> None:
         self._entries.clear()

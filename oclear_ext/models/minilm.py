@@ -89,16 +89,18 @@ class MiniLMTextEncoder(nn.Module):
         if not self.cache:
             with torch.no_grad():
                 return self._run(texts, device)
-        cache = self._shared_cache
-        found = {t: cache.get((t, self.max_tokens)) for t in set(texts) if (t, self.max_tokens) in cache}
-        missing = sorted(set(texts) - found.keys())
-        with torch.no_grad():
-            for start in range(0, len(missing), 256):  # bounded batches: a catalogue can have many titles
-                chunk = missing[start: start + 256]
-                for t, h in zip(chunk, self._run(chunk, device)):
-                    found[t] = h.cpu().clone()  # its own storage: a view would keep the whole batch alive
-                    cache.put((t, self.max_tokens), found[t])
-        return [found[t].to(device) for t in texts]
+
+        def compute(positions: list[int]) -> list[Tensor]:
+            states = {}
+            order = sorted(positions, key=lambda i: texts[i])  # batches of similar texts, the same every run
+            with torch.no_grad():
+                for start in range(0, len(order), 256):  # bounded batches: a catalogue can have many titles
+                    chunk = order[start: start + 256]
+                    states.update(zip(chunk, self._run([texts[i] for i in chunk], device)))
+            return [states[i] for i in positions]
+
+        cached = self._shared_cache.fetch([(t, self.max_tokens) for t in texts], compute)
+        return [h.to(device) for h in cached]
 
     def forward(self, texts: Sequence[str | None]) -> tuple[Tensor, Tensor]:
         device = self.project.weight.device

@@ -67,15 +67,11 @@ class EfficientNetLite0(nn.Module):
         if not self.cache:
             with torch.no_grad():
                 return self._compute(images)
-        cache = self._shared_cache
         keys = [hashlib.blake2b(img.detach().cpu().float().numpy().tobytes(), digest_size=16,
                                 salt=self.input_size.to_bytes(16, "little")).digest() for img in images]
-        found = {k: cache.get(k) for k in set(keys) if k in cache}
-        missing = [i for i, k in enumerate(keys) if k not in found]
-        if missing:
+
+        def compute(positions: list[int]) -> Tensor:
             with torch.no_grad():
-                fresh = self._compute(images[missing]).cpu()
-            for i, f in zip(missing, fresh):
-                found[keys[i]] = f.clone()  # its own storage: a row view would keep the whole batch alive
-                cache.put(keys[i], found[keys[i]])
-        return torch.stack([found[k] for k in keys]).to(images.device, images.dtype)
+                return self._compute(images[positions])
+
+        return torch.stack(self._shared_cache.fetch(keys, compute)).to(images.device, images.dtype)
