@@ -160,6 +160,8 @@ def test_text_loss_trains_the_text_path_and_never_moves_the_class_weights():
     attention = "fusion.text_to_concepts.q_proj.weight"
     assert attention in with_text and not torch.allclose(with_text[attention], without[attention])
     assert "fusion.concepts" in with_text and with_text["text_encoder.embed.weight"].abs().sum() > 0
+    # The loss classifies what the text adds, normalize(W c): W itself is trained by it.
+    assert not torch.allclose(with_text["fusion.context.weight"], without["fusion.context.weight"])
 
 
 def test_demo_rejects_zero_seeds(tmp_path, capsys):

@@ -108,8 +108,8 @@ class OclearModel(nn.Module):
             else:
                 tokens, padding = self.text_encoder([texts[i] for i in d.tolist()])
                 c = self.fusion.read_text(v, tokens, padding)
-                keep = torch.ones(d.numel(), 1, device=v.device) if text_keep is None else text_keep[d, None].to(v.dtype)
-                docs, _ = self.fusion.mix(v, c * keep)  # a dropped text: c = 0, the image-only doc exactly
+                kept = c if text_keep is None else c * text_keep[d, None].to(c.dtype)
+                docs, _ = self.fusion.mix(v, kept)  # a dropped text: c = 0, the image-only doc exactly
                 present = ~padding.all(dim=1)
                 # What the doc adds to its image embedding (up to the gate), trained to classify on its own.
                 text_emb[d[present]] = F.normalize(self.fusion.context(c[present]), dim=1).to(out.dtype)

@@ -32,7 +32,7 @@ class TrainConfig:
     num_heads: int = 4
     image_size: int = 32
     text_dropout: float = 0.8               # training: a doc's text is dropped with this probability
-    text_loss_weight: float = 1.0           # fusion: weight of the text loss (docs' text read classifies; 0 = off)
+    text_loss_weight: float = 1.0           # fusion: weight of the text loss (what a doc's text adds classifies; 0 = off)
     # classifier
     scale: float = 32.0
     margin: tuple[float, float, float] = (1.0, 0.0, 0.3)

@@ -12,7 +12,8 @@ with --seeds seeds (the table shows mean +- sd over them):
   untrained           random weights (what the numbers would be without learning)
   image-only docs     trained, documents embedded from the image alone (fusion off)
   concept fusion      trained, documents fuse image and text with concept-aware attention (DESIGN section 6),
-                      with text dropout and the text loss (the text read alone classifies, class weights fixed)
+                      with text dropout and the text loss (what a doc's text adds classifies on its own,
+                      class weights fixed)
 Writes metrics.json, retrieval.png (queries with their top-5 docs), training_curve.png into --out.
 """
 

@@ -107,9 +107,10 @@ def batch_loss(model, classifier, images: torch.Tensor, texts: list, is_query: t
     The text loss makes what each doc's text adds to it (normalize(W c), every doc with text, dropped or not)
     classify on its own, with the class weights held fixed for it (no gradient reaches them from these rows):
     the text path learns to point where the images put each class, which carries over to classes never
-    trained on, instead of the classes moving towards their titles. (On the text read c before W instead, the
-    added vector W c was not trained towards the class, and fusion tied image-only docs on validation.) Without it the text only has to fix what the
-    training images get wrong, close to nothing once they are fitted, and learns little that generalises.
+    trained on, instead of the classes moving towards their titles. Without it the text only has to fix what
+    the training images get wrong, close to nothing once they are fitted, and learns little that generalises.
+    (Applied to the text read c before W instead, it left W c untrained towards the class: fusion tied
+    image-only docs on validation.)
 
     backward() runs the classifier's backward (its collectives, the same on every rank) to completion
     before the model's, whose DDP gradient all-reduces would otherwise interleave with them in an order
