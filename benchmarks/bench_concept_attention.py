@@ -122,10 +122,10 @@ def bench_shape(b, h, lq, lk, dh, broadcast, device, dtype, repeats):
     clear_grads, variants = make_variants(q, k, v, pad, grad_out)
     sdpa = variants["sdpa"]().float()
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    for name in ("fused", "fused_tc"):  # never time something that computes another thing
-        if name in variants:
-            torch.testing.assert_close(variants[name]().float(), sdpa, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
-    fused = variants["fused"]().float()
+    checked = {name: variants[name]().float() for name in ("fused", "fused_tc") if name in variants}
+    for name, got in checked.items():  # never time something that computes another thing
+        torch.testing.assert_close(got, sdpa, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+    fused = checked["fused"]
     timings = common.time_interleaved(variants, device, repeats)
     flops = 12 * b * h * lq * lk * dh  # useful FLOPs of forward+backward (6 GEMMs, no recompute)
     row = {"B": b, "H": h, "Lq": lq, "Lk": lk, "Dh": dh, "memory_broadcast": broadcast,
