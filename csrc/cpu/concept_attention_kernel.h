@@ -10,13 +10,19 @@
 // Why hand-blocked: the shapes are tiny (Lq ~ 1..64 queries, Lk ~ 32..512 keys, Dh ~ 64) and
 // there are B x H of them. A BLAS call per tile costs more in dispatch than the tile's arithmetic,
 // and a batched GEMM needs the scores materialised in memory between GEMM and softmax. Here each
-// (b, h) runs start to finish on one core with every operand in L1/L2: S = Q K^T one key block at a
-// time, online softmax, O += P V, all through one micro-kernel C (+)= A B with A read as broadcast
-// scalars and B, C as vectors (the GEMM "outer product" form that vectorises without horizontal sums).
-// That form wants B row-major in the output's columns: K^T (for S) and V^T (for dP in the backward)
-// are laid out once per (b, h), or once per head for a memory shared over the batch, through
-// register transposes; Q, K, V, dO rows are read in place when they are acc_t rows of a whole number
-// of vectors (else copied, converted and zero-padded). A transposed A operand (P^T, dS^T) is free.
+// (b, h) runs start to finish on one core with every operand in L1/L2, through one micro-kernel
+// C (+)= A B with A read as broadcast scalars (any layout, so a transposed A is free) and B, C as
+// vectors (the GEMM "outer product" form that vectorises without horizontal sums).
+//
+// Queries ride the vector lanes: per query tile, Q^T (and dO^T in the backward) is laid out once by
+// register transposes, and the scores are kept transposed, S^T (keys x queries). Then
+//   - the softmax over a query's keys runs down a column: vertical max, exp and sum, no horizontal
+//     reduction anywhere;
+//   - K, V, Q, dO rows serve every other GEMM as they are (A operands, or B operands with Dh along
+//     the lanes), so no K^T / V^T layout per (b, h);
+//   - the keys a batch element attends are gathered first and padding keys are simply absent (never
+//     computed: ~30% of the work at typical padding; no -inf bias; a query either has all of its
+//     gathered keys or none at all).
 
 template <typename T>
 struct Simd;
@@ -33,13 +39,17 @@ struct Simd<double> {
 
 template <typename T>
 constexpr int64_t kLanes = kVectorBytes / static_cast<int64_t>(sizeof(T));
-// Micro-tile of C: kRows x (kVecs vectors). 4 x 4 zmm = 16 accumulators of AVX-512's 32
-// registers; with 16 registers (AVX2, SSE) 4 x 2 = 8 accumulators leave room for the B vectors.
-constexpr int kRows = 4;
+// Accumulator registers of a micro-tile: 16 of AVX-512's 32 vector registers, 8 of AVX2's / SSE's
+// 16 (the rest hold B vectors and the broadcast). A tile of NV vectors across has
+// kAccumulators / NV rows (at most 8: more rows only add broadcast loads).
+constexpr int kAccumulators = kVectorBytes >= 64 ? 16 : 8;
 constexpr int kVecs = kVectorBytes >= 64 ? 4 : 2;
-// Keys per block (the online softmax's step) and queries per tile: a 64 x 64 score tile in L1.
-constexpr int64_t kKeyBlock = 64;
+template <int NV>
+constexpr int kTileRows = kAccumulators / NV < 8 ? kAccumulators / NV : 8;
+// Queries per tile (the lanes of S^T: 64 = 4 AVX-512 float vectors) and keys per block of the
+// online softmax (a 128 x 64 score block, 32 KiB, stays in L1/L2; at Lk <= 128 one block, exact).
 constexpr int64_t kQueryTile = 64;
+constexpr int64_t kKeyBlock = 128;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -74,14 +84,15 @@ inline void micro_tile(int64_t k, const T* __restrict a, int64_t lda, int64_t ap
   }
 }
 
-template <typename T, int NV, bool kAccumulate>
-inline void gemm_columns(int64_t m, int64_t k, const T* a, int64_t lda, int64_t aps, const T* b, int64_t ldb,
-                         T* c, int64_t ldc) {
+// Rows of C in tiles of R, the remainder in tiles of R/2, R/4, ..., 1.
+template <typename T, int R, int NV, bool kAccumulate>
+inline void gemm_rows(int64_t m, int64_t k, const T* a, int64_t lda, int64_t aps, const T* b, int64_t ldb, T* c,
+                      int64_t ldc) {
   int64_t i = 0;
-  for (; i + kRows <= m; i += kRows) {
-    micro_tile<T, kRows, NV, kAccumulate>(k, a + i * lda, lda, aps, b, ldb, c + i * ldc, ldc);
+  for (; i + R <= m; i += R) micro_tile<T, R, NV, kAccumulate>(k, a + i * lda, lda, aps, b, ldb, c + i * ldc, ldc);
+  if constexpr (R > 1) {
+    if (i < m) gemm_rows<T, R / 2, NV, kAccumulate>(m - i, k, a + i * lda, lda, aps, b, ldb, c + i * ldc, ldc);
   }
-  for (; i < m; ++i) micro_tile<T, 1, NV, kAccumulate>(k, a + i * lda, lda, aps, b, ldb, c + i * ldc, ldc);
 }
 
 // C[m x n] (+)= A[m x k] B[k x n], n a multiple of the vector length (callers pad with zeros);
@@ -92,15 +103,15 @@ void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, int64_t aps,
   constexpr int64_t L = kLanes<T>;
   int64_t j = 0;
   for (; j + kVecs * L <= n; j += kVecs * L) {
-    gemm_columns<T, kVecs, kAccumulate>(m, k, a, lda, aps, b + j, ldb, c + j, ldc);
+    gemm_rows<T, kTileRows<kVecs>, kVecs, kAccumulate>(m, k, a, lda, aps, b + j, ldb, c + j, ldc);
   }
   if constexpr (kVecs > 2) {
     if (j + 2 * L <= n) {
-      gemm_columns<T, 2, kAccumulate>(m, k, a, lda, aps, b + j, ldb, c + j, ldc);
+      gemm_rows<T, kTileRows<2>, 2, kAccumulate>(m, k, a, lda, aps, b + j, ldb, c + j, ldc);
       j += 2 * L;
     }
   }
-  if (j < n) gemm_columns<T, 1, kAccumulate>(m, k, a, lda, aps, b + j, ldb, c + j, ldc);
+  if (j < n) gemm_rows<T, kTileRows<1>, 1, kAccumulate>(m, k, a, lda, aps, b + j, ldb, c + j, ldc);
 }
 
 template <typename T>
@@ -113,31 +124,12 @@ inline void gemm_into(bool accumulate, int64_t m, int64_t n, int64_t k, const T*
   }
 }
 
-// exp(x) for x <= 0, exactly 0 at x = -inf (a masked key must carry no weight at all, not 1e-38).
+// exp(x) for x <= 0, exactly 0 at x = -inf (a weight that must vanish must not be 1e-38).
 inline float exp_nonpositive(float x) { return x < -87.0f ? 0.0f : fast_exp(x); }
 inline double exp_nonpositive(double x) { return std::exp(x); }
 
-// row[j] = scale * row[j] + bias[j] for j < n (n a multiple of the vector length); returns the max
-// of the row. Written on vectors: a scalar max reduction is a latency chain the compiler does not
-// vectorise.
-template <typename T>
-inline T scale_bias_max(T* row, T scale, const T* bias, int64_t n) {
-  using V = typename Simd<T>::V;
-  using U = typename Simd<T>::U;
-  constexpr int64_t L = kLanes<T>;
-  V mx = V{} + T(-INFINITY);
-  for (int64_t j = 0; j < n; j += L) {
-    const V x = scale * *reinterpret_cast<const U*>(row + j) + *reinterpret_cast<const U*>(bias + j);
-    *reinterpret_cast<U*>(row + j) = x;
-    mx = x > mx ? x : mx;
-  }
-  T out = mx[0];
-  for (int64_t l = 1; l < L; ++l) out = std::max(out, T(mx[l]));
-  return out;
-}
-
 // The next (b, h)'s inputs, pulled towards L2 a few lines at a time while the current one computes
-// (advance() from its inner loops): a burst of hundreds of prefetches at once mostly stalls on the
+// (advance() from its row loops): a burst of hundreds of prefetches at once mostly stalls on the
 // core's miss buffers instead of overlapping with arithmetic.
 class Prefetcher {
  public:
@@ -146,13 +138,15 @@ class Prefetcher {
     ranges_[count_++] = Range{static_cast<const char*>(base), rows, row_stride_bytes, (row_bytes + 63) / 64};
     total_ += rows * ((row_bytes + 63) / 64);
   }
-  int64_t total() const { return total_; }
-  // Issues prefetches up to line `upto` (of total()).
-  void advance(int64_t upto) {
-    while (issued_ < upto && range_ < count_) {
+  // The prefetches are spread over `steps` calls of step().
+  void pace(int64_t steps) { per_step_ = steps > 0 ? (total_ + steps - 1) / steps : total_; }
+  void step() { issue(per_step_); }
+
+ private:
+  void issue(int64_t lines) {
+    for (; lines > 0 && range_ < count_; --lines) {
       const Range& r = ranges_[range_];
       __builtin_prefetch(r.base + row_ * r.stride + line_ * 64, 0, 2);
-      ++issued_;
       if (++line_ == r.lines) {
         line_ = 0;
         if (++row_ == r.rows) {
@@ -162,8 +156,6 @@ class Prefetcher {
       }
     }
   }
-
- private:
   struct Range {
     const char* base;
     int64_t rows, stride, lines;
@@ -171,27 +163,8 @@ class Prefetcher {
   static constexpr int kMaxRanges = 5;
   Range ranges_[kMaxRanges];
   int count_ = 0, range_ = 0;
-  int64_t total_ = 0, issued_ = 0, row_ = 0, line_ = 0;
+  int64_t total_ = 0, per_step_ = 0, row_ = 0, line_ = 0;
 };
-
-// Padded sizes of one problem: keys to a multiple of the vector length (padding keys are masked),
-// Dh to a multiple of the vector length (padding columns are zero and contribute nothing).
-template <typename T>
-struct Padded {
-  int64_t dh;  // Dh rounded up
-  int64_t lk;  // Lk rounded up
-  Padded(int64_t lk_, int64_t dh_) : dh(round_up(dh_, kLanes<T>)), lk(round_up(lk_, kLanes<T>)) {}
-  int64_t block_width(int64_t j0) const { return std::min(kKeyBlock, lk - j0); }
-};
-
-// Rows of a tensor can serve as a GEMM's B operand in place when they are acc_t and Dh is a whole
-// number of vectors (no padding columns needed).
-template <typename scalar_t, typename T>
-constexpr bool rows_in_place_type = std::is_same_v<scalar_t, T>;
-template <typename scalar_t, typename T>
-inline bool rows_in_place(int64_t dh) {
-  return rows_in_place_type<scalar_t, T> && dh % kLanes<T> == 0;
-}
 
 #if defined(__GNUC__) && !defined(__clang__)
 #define OCLEAR_VECTOR_TRANSPOSE 1
@@ -254,60 +227,11 @@ inline void transpose_tile(const T* src, int64_t ld_src, T* dst, int64_t ld_dst)
 }
 #endif
 
-// K^T in key blocks: block at key j0 (width w) is a (Dh_p x w) row-major matrix at dst + j0 * Dh_p.
-// Full L x L tiles of acc_t inputs go through register transposes; edges and converted dtypes
-// element by element, zero past Lk and Dh.
+// Rows of a tensor serve as GEMM operands in place when they are acc_t and Dh is a whole number of
+// vectors (a B operand needs no padding columns).
 template <typename scalar_t, typename T>
-void layout_transposed(const scalar_t* src, int64_t row_stride, int64_t lk, int64_t dh, const Padded<T>& pad,
-                       T* dst) {
-  constexpr int64_t L = kLanes<T>;
-  for (int64_t j0 = 0; j0 < pad.lk; j0 += kKeyBlock) {
-    const int64_t w = pad.block_width(j0);
-    T* block = dst + j0 * pad.dh;
-    for (int64_t jj = 0; jj < w; jj += L) {
-      for (int64_t dd = 0; dd < pad.dh; dd += L) {
-        const int64_t j_first = j0 + jj;
-#ifdef OCLEAR_VECTOR_TRANSPOSE
-        if constexpr (rows_in_place_type<scalar_t, T>) {
-          if (j_first + L <= lk && dd + L <= dh) {
-            transpose_tile(src + j_first * row_stride + dd, row_stride, block + dd * w + jj, w);
-            continue;
-          }
-        }
-#endif
-        for (int64_t d = 0; d < L; ++d) {
-          T* out = block + (dd + d) * w + jj;
-          for (int64_t j = 0; j < L; ++j) {
-            const bool inside = j_first + j < lk && dd + d < dh;
-            out[j] = inside ? static_cast<T>(src[(j_first + j) * row_stride + dd + d]) : T(0);
-          }
-        }
-      }
-    }
-  }
-}
-
-// Rows padded to Dh_p columns, Lk_p rows (padding is zero): dst[j * Dh_p + d].
-template <typename scalar_t, typename T>
-void layout_rows(const scalar_t* src, int64_t row_stride, int64_t rows, int64_t rows_padded, int64_t dh,
-                 int64_t dh_padded, T factor, T* dst) {
-  for (int64_t j = 0; j < rows; ++j) {
-    const scalar_t* row = src + j * row_stride;
-    T* out = dst + j * dh_padded;
-#pragma omp simd
-    for (int64_t d = 0; d < dh; ++d) out[d] = factor * static_cast<T>(row[d]);
-    std::fill(out + dh, out + dh_padded, T(0));
-  }
-  std::fill(dst + rows * dh_padded, dst + rows_padded * dh_padded, T(0));
-}
-
-// 0 for a key that takes part, -inf for a padding key or a key past Lk.
-template <typename T>
-void key_bias(const bool* mask_row, int64_t lk, int64_t lk_padded, T* bias) {
-  for (int64_t j = 0; j < lk_padded; ++j) {
-    const bool padding = j >= lk || (mask_row != nullptr && mask_row[j]);
-    bias[j] = padding ? T(-INFINITY) : T(0);
-  }
+inline bool rows_in_place(int64_t dh) {
+  return std::is_same_v<scalar_t, T> && dh % kLanes<T> == 0;
 }
 
 template <typename scalar_t>
@@ -315,90 +239,127 @@ const scalar_t* head_ptr(const scalar_t* base, const Strides4& s, int64_t b, int
   return base + b * s.batch + h * s.head;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Forward of one (b, h): out (Lq x Dh, contiguous) and lse (Lq).
-// kt: K^T blocks, vs: V rows (both Padded layouts).
-// ---------------------------------------------------------------------------------------------
-template <typename T>
-struct ForwardScratch {
-  std::vector<T> q, s, o, m, l, alpha, bias, kt, vs;
-  ForwardScratch(const Padded<T>& pad, bool own_keys, bool v_in_place)
-      : q(kQueryTile * pad.dh), s(kQueryTile * kKeyBlock), o(kQueryTile * pad.dh), m(kQueryTile),
-        l(kQueryTile), alpha(kQueryTile), bias(pad.lk), kt(own_keys ? pad.lk * pad.dh : 0),
-        vs(own_keys && !v_in_place ? pad.lk * pad.dh : 0) {}
-};
-
+// dst (cols x rows_p, row-major) = src^T, src (rows x cols, row stride ld_src) converted to T; lanes
+// rows..rows_p of dst are zero. Whole L x L tiles of acc_t input go through register transposes.
 template <typename scalar_t, typename T>
-void forward_head(const AttentionProblem<scalar_t>& p, const Padded<T>& pad, int64_t b, int64_t h, const T* kt,
-                  const T* vs, int64_t ldv, scalar_t* out, T* lse, ForwardScratch<T>& w, Prefetcher& next) {
-  const int64_t steps = p.lq * ((pad.lk + kKeyBlock - 1) / kKeyBlock);
-  int64_t step = 0;
-  const int64_t dh = p.dh, dhp = pad.dh;
-  key_bias(p.mask ? p.mask + b * p.lk : nullptr, p.lk, pad.lk, w.bias.data());
-  const scalar_t* q = head_ptr(p.q, p.q_strides, b, h);
-  const bool q_in_place = rows_in_place<scalar_t, T>(dh);
-  const T scale = static_cast<T>(p.scale);
-  T* s = w.s.data();
-  T* o = w.o.data();
-  for (int64_t i0 = 0; i0 < p.lq; i0 += kQueryTile) {
-    const int64_t tq = std::min(kQueryTile, p.lq - i0);
-    // Q in place when its rows already fit (the scale is applied to the scores).
-    const T* qa = w.q.data();
-    int64_t ldq = dhp;
-    if (q_in_place) {
-      qa = reinterpret_cast<const T*>(q) + i0 * p.q_strides.row;
-      ldq = p.q_strides.row;
-    } else {
-      layout_rows(q + i0 * p.q_strides.row, p.q_strides.row, tq, tq, dh, dhp, T(1), w.q.data());
-    }
-    std::fill(w.m.begin(), w.m.begin() + tq, T(-INFINITY));
-    std::fill(w.l.begin(), w.l.begin() + tq, T(0));
-    for (int64_t j0 = 0; j0 < pad.lk; j0 += kKeyBlock) {
-      const int64_t kw = pad.block_width(j0);
-      gemm<T, false>(tq, kw, dhp, qa, ldq, 1, kt + j0 * dhp, kw, s, kKeyBlock);
-      const T* bias = w.bias.data() + j0;
-      for (int64_t i = 0; i < tq; ++i) {
-        T* row = s + i * kKeyBlock;
-        next.advance(next.total() * ++step / steps);
-        const T mx = std::max(w.m[i], scale_bias_max(row, scale, bias, kw));
-        if (mx == T(-INFINITY)) {  // no key of this row so far: P row = 0, state unchanged
-          std::fill(row, row + kw, T(0));
-          w.alpha[i] = T(1);
+void transpose_rows(const scalar_t* src, int64_t ld_src, int64_t rows, int64_t rows_p, int64_t cols, T* dst) {
+  constexpr int64_t L = kLanes<T>;
+  for (int64_t i0 = 0; i0 < rows_p; i0 += L) {
+    for (int64_t d0 = 0; d0 < cols; d0 += L) {
+#ifdef OCLEAR_VECTOR_TRANSPOSE
+      if constexpr (std::is_same_v<scalar_t, T>) {
+        if (i0 + L <= rows && d0 + L <= cols) {
+          transpose_tile(src + i0 * ld_src + d0, ld_src, dst + d0 * rows_p + i0, rows_p);
           continue;
         }
-        T sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < kw; ++j) {
-          const T e = exp_nonpositive(row[j] - mx);
-          row[j] = e;
-          sum += e;
-        }
-        w.alpha[i] = exp_nonpositive(w.m[i] - mx);  // 0 while the row had no key yet
-        w.l[i] = w.l[i] * w.alpha[i] + sum;
-        w.m[i] = mx;
       }
-      if (j0 > 0) {
-        for (int64_t i = 0; i < tq; ++i) {
-          const T a = w.alpha[i];
-          if (a == T(1)) continue;
-          T* orow = o + i * dhp;
-#pragma omp simd
-          for (int64_t d = 0; d < dhp; ++d) orow[d] *= a;
+#endif
+      const int64_t dn = std::min(L, cols - d0);
+      for (int64_t d = 0; d < dn; ++d) {
+        T* out = dst + (d0 + d) * rows_p + i0;
+        for (int64_t i = 0; i < L; ++i) {
+          out[i] = i0 + i < rows ? static_cast<T>(src[(i0 + i) * ld_src + d0 + d]) : T(0);
         }
       }
-      // Only the block's real keys: P is 0 past Lk, and V's rows there may not exist (read in place).
-      gemm_into<T>(j0 > 0, tq, dhp, std::min(kw, p.lk - j0), s, kKeyBlock, 1, vs + j0 * ldv, ldv, o, dhp);
-    }
-    for (int64_t i = 0; i < tq; ++i) {
-      const T l = w.l[i];
-      const T inv = l > T(0) ? T(1) / l : T(0);  // a row without keys returns zeros
-      const T* orow = o + i * dhp;
-      scalar_t* dst = out + (i0 + i) * dh;
-#pragma omp simd
-      for (int64_t d = 0; d < dh; ++d) dst[d] = static_cast<scalar_t>(orow[d] * inv);
-      lse[i0 + i] = l > T(0) ? w.m[i] + std::log(l) : T(-INFINITY);
     }
   }
+}
+
+// dst row r (dh_p wide, zero past dh) = src row index[r] (row r when index is null), converted to T.
+template <typename src_t, typename T>
+void gather_rows(const src_t* src, int64_t ld_src, const int64_t* index, int64_t count, int64_t dh, int64_t dh_p,
+                 T* dst) {
+  for (int64_t r = 0; r < count; ++r) {
+    const src_t* row = src + (index != nullptr ? index[r] : r) * ld_src;
+    T* out = dst + r * dh_p;
+#pragma omp simd
+    for (int64_t d = 0; d < dh; ++d) out[d] = static_cast<T>(row[d]);
+    std::fill(out + dh, out + dh_p, T(0));
+  }
+}
+
+// dst (lk x dh) row index[r] = src row r (count rows, dh_p wide), converted; every other row zero
+// (a padding key gets no gradient). index is increasing.
+template <typename scalar_t, typename T>
+void scatter_rows(const T* src, const int64_t* index, int64_t count, int64_t lk, int64_t dh, int64_t dh_p,
+                  scalar_t* dst) {
+  int64_t r = 0;
+  for (int64_t j = 0; j < lk; ++j) {
+    scalar_t* row = dst + j * dh;
+    if (r < count && index[r] == j) {
+      const T* from = src + r * dh_p;
+#pragma omp simd
+      for (int64_t d = 0; d < dh; ++d) row[d] = static_cast<scalar_t>(from[d]);
+      ++r;
+    } else {
+      std::fill(row, row + dh, scalar_t(0));
+    }
+  }
+}
+
+// The keys of mask row `mask_row` (null: no mask) that take part, in order, into `index`; their count.
+inline int64_t attended_keys(const bool* mask_row, int64_t lk, int64_t* index) {
+  int64_t n = 0;
+  for (int64_t j = 0; j < lk; ++j) {
+    if (mask_row == nullptr || !mask_row[j]) index[n++] = j;
+  }
+  return n;
+}
+
+// K and V rows of the keys one (b, h) attends, in acc_t, `count` of them; V's rows (a B operand)
+// are a whole number of vectors wide, zero past Dh.
+template <typename T>
+struct KeyRows {
+  const T* k;
+  const T* v;
+  int64_t ldk, ldv, count;
+};
+
+// A memory shared by the batch whose rows cannot serve in place: converted once per head (K then
+// V, Lk x Dh_p each), not once per (b, h). Empty otherwise.
+template <typename T, typename scalar_t>
+std::vector<T> shared_rows(const AttentionProblem<scalar_t>& p, int64_t dh_p) {
+  std::vector<T> rows;
+  if (!p.kv_broadcast || rows_in_place<scalar_t, T>(p.dh)) return rows;
+  const int64_t size = p.lk * dh_p;
+  rows.resize(2 * p.heads * size);
+  at::parallel_for(0, p.heads, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h) {
+      gather_rows(head_ptr(p.k, p.k_strides, 0, h), p.k_strides.row, nullptr, p.lk, p.dh, dh_p,
+                  rows.data() + 2 * h * size);
+      gather_rows(head_ptr(p.v, p.v_strides, 0, h), p.v_strides.row, nullptr, p.lk, p.dh, dh_p,
+                  rows.data() + (2 * h + 1) * size);
+    }
+  });
+  return rows;
+}
+
+// The attended K, V rows of (b, h): the tensors' own rows when every key takes part and they fit,
+// the shared converted copy likewise, else gathered (and converted) into kbuf, vbuf.
+template <typename scalar_t, typename T>
+KeyRows<T> attended_rows(const AttentionProblem<scalar_t>& p, const std::vector<T>& shared, int64_t b, int64_t h,
+                         int64_t dh_p, const int64_t* index, int64_t count, T* kbuf, T* vbuf) {
+  const bool all = count == p.lk;
+  if (all && rows_in_place<scalar_t, T>(p.dh)) {
+    return {reinterpret_cast<const T*>(head_ptr(p.k, p.k_strides, b, h)),
+            reinterpret_cast<const T*>(head_ptr(p.v, p.v_strides, b, h)), p.k_strides.row, p.v_strides.row, count};
+  }
+  if (!shared.empty()) {
+    const T* k = shared.data() + 2 * h * p.lk * dh_p;
+    const T* v = k + p.lk * dh_p;
+    if (all) return {k, v, dh_p, dh_p, count};
+    gather_rows(k, dh_p, index, count, dh_p, dh_p, kbuf);
+    gather_rows(v, dh_p, index, count, dh_p, dh_p, vbuf);
+  } else {
+    gather_rows(head_ptr(p.k, p.k_strides, b, h), p.k_strides.row, all ? nullptr : index, count, p.dh, dh_p, kbuf);
+    gather_rows(head_ptr(p.v, p.v_strides, b, h), p.v_strides.row, all ? nullptr : index, count, p.dh, dh_p, vbuf);
+  }
+  return {kbuf, vbuf, dh_p, dh_p, count};
+}
+
+template <typename scalar_t>
+const bool* mask_row(const AttentionProblem<scalar_t>& p, int64_t b) {
+  return p.mask != nullptr ? p.mask + b * p.lk : nullptr;
 }
 
 template <typename scalar_t>
@@ -411,97 +372,155 @@ void add_inputs(Prefetcher& pf, const AttentionProblem<scalar_t>& p, int64_t b, 
   }
 }
 
+inline int64_t query_tiles(int64_t lq) { return (lq + kQueryTile - 1) / kQueryTile; }
+
+// ---------------------------------------------------------------------------------------------
+// Forward of one (b, h): out (Lq x Dh, contiguous) and lse (Lq). Per query tile of n lanes:
+// S^T = K Q^T one key block at a time, online softmax down the columns, O (+)= P V.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct ForwardScratch {
+  int64_t dh_p;
+  std::vector<T> qt, s, o, m, l, alpha, k, v;
+  std::vector<int64_t> index;
+  ForwardScratch(int64_t lk, int64_t dh, int64_t dh_p_)
+      : dh_p(dh_p_), qt(dh * kQueryTile), s(std::min(kKeyBlock, lk) * kQueryTile), o(kQueryTile * dh_p_),
+        m(kQueryTile), l(kQueryTile), alpha(kQueryTile), k(lk * dh_p_), v(lk * dh_p_), index(lk) {}
+};
+
+// One key block of the online softmax over S^T (jb x n, a query per lane): s <- exp(scale s - m'),
+// with m' the running column max, l the running column sum, alpha = exp(m - m') the factor for
+// what was accumulated before (0 before the first block, where m = -inf).
+template <typename T>
+void softmax_block(T* s, int64_t jb, int64_t n, T scale, T* m, T* l, T* alpha, Prefetcher& next) {
+  T mx[kQueryTile];
+  T sum[kQueryTile];
+  for (int64_t i = 0; i < n; ++i) {
+    mx[i] = m[i];
+    sum[i] = T(0);
+  }
+  for (int64_t j = 0; j < jb; ++j) {
+    T* row = s + j * n;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const T x = scale * row[i];
+      row[i] = x;
+      mx[i] = x > mx[i] ? x : mx[i];
+    }
+  }
+  for (int64_t j = 0; j < jb; ++j) {
+    T* row = s + j * n;
+    next.step();
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const T e = exp_nonpositive(row[i] - mx[i]);
+      row[i] = e;
+      sum[i] += e;
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    alpha[i] = exp_nonpositive(m[i] - mx[i]);
+    l[i] = l[i] * alpha[i] + sum[i];
+    m[i] = mx[i];
+  }
+}
+
+template <typename scalar_t, typename T>
+void forward_head(const AttentionProblem<scalar_t>& p, const KeyRows<T>& kv, const scalar_t* q, scalar_t* out, T* lse,
+                  ForwardScratch<T>& w, Prefetcher& next) {
+  const int64_t dh = p.dh, dhp = w.dh_p;
+  if (kv.count == 0) {  // every key is padding: out = 0, lse = -inf
+    std::fill(out, out + p.lq * dh, scalar_t(0));
+    std::fill(lse, lse + p.lq, T(-INFINITY));
+    return;
+  }
+  next.pace(query_tiles(p.lq) * kv.count);
+  const T scale = static_cast<T>(p.scale);
+  T* s = w.s.data();
+  T* o = w.o.data();
+  for (int64_t i0 = 0; i0 < p.lq; i0 += kQueryTile) {
+    const int64_t tq = std::min(kQueryTile, p.lq - i0);
+    const int64_t n = round_up(tq, kLanes<T>);
+    transpose_rows(q + i0 * p.q_strides.row, p.q_strides.row, tq, n, dh, w.qt.data());
+    std::fill(w.m.begin(), w.m.begin() + n, T(-INFINITY));
+    std::fill(w.l.begin(), w.l.begin() + n, T(0));
+    for (int64_t j0 = 0; j0 < kv.count; j0 += kKeyBlock) {
+      const int64_t jb = std::min(kKeyBlock, kv.count - j0);
+      gemm<T, false>(jb, n, dh, kv.k + j0 * kv.ldk, kv.ldk, 1, w.qt.data(), n, s, n);  // S^T = K Q^T
+      softmax_block(s, jb, n, scale, w.m.data(), w.l.data(), w.alpha.data(), next);
+      if (j0 > 0) {
+        for (int64_t i = 0; i < tq; ++i) {
+          const T a = w.alpha[i];
+          T* orow = o + i * dhp;
+#pragma omp simd
+          for (int64_t d = 0; d < dhp; ++d) orow[d] *= a;
+        }
+      }
+      gemm_into<T>(j0 > 0, tq, dhp, jb, s, 1, n, kv.v + j0 * kv.ldv, kv.ldv, o, dhp);  // O (+)= P V
+    }
+    for (int64_t i = 0; i < tq; ++i) {  // every query saw at least one key: l >= 1
+      const T inv = T(1) / w.l[i];
+      const T* orow = o + i * dhp;
+      scalar_t* dst = out + (i0 + i) * dh;
+#pragma omp simd
+      for (int64_t d = 0; d < dh; ++d) dst[d] = static_cast<scalar_t>(orow[d] * inv);
+      lse[i0 + i] = w.m[i] + std::log(w.l[i]);
+    }
+  }
+}
 
 template <typename scalar_t>
 void forward(const AttentionProblem<scalar_t>& p, scalar_t* out, at::opmath_type<scalar_t>* lse) {
   using T = at::opmath_type<scalar_t>;
-  const Padded<T> pad(p.lk, p.dh);
-  // A memory shared by the batch (k, v batch 1) is laid out once per head, not once per (b, h).
-  // V rows are read in place when they already are acc_t rows of a vector multiple.
-  const bool v_in_place = rows_in_place<scalar_t, T>(p.dh);
-  std::vector<T> shared_kt, shared_vs;
-  if (p.kv_broadcast) {
-    shared_kt.resize(p.heads * pad.lk * pad.dh);
-    if (!v_in_place) shared_vs.resize(p.heads * pad.lk * pad.dh);
-    at::parallel_for(0, p.heads, 1, [&](int64_t h0, int64_t h1) {
-      for (int64_t h = h0; h < h1; ++h) {
-        layout_transposed(head_ptr(p.k, p.k_strides, 0, h), p.k_strides.row, p.lk, p.dh, pad,
-                          shared_kt.data() + h * pad.lk * pad.dh);
-        if (!v_in_place) {
-          layout_rows(head_ptr(p.v, p.v_strides, 0, h), p.v_strides.row, p.lk, pad.lk, p.dh, pad.dh, T(1),
-                      shared_vs.data() + h * pad.lk * pad.dh);
-        }
-      }
-    });
-  }
+  const int64_t dh_p = round_up(p.dh, kLanes<T>);
+  const std::vector<T> shared = shared_rows<T>(p, dh_p);
   at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t bh0, int64_t bh1) {
-    ForwardScratch<T> w(pad, !p.kv_broadcast, v_in_place);
+    ForwardScratch<T> w(p.lk, p.dh, dh_p);
+    int64_t indexed_b = -1, count = 0;
     for (int64_t bh = bh0; bh < bh1; ++bh) {
       const int64_t b = bh / p.heads, h = bh % p.heads;
+      if (b != indexed_b) {
+        count = attended_keys(mask_row(p, b), p.lk, w.index.data());
+        indexed_b = b;
+      }
       Prefetcher next;
       if (bh + 1 < bh1) add_inputs(next, p, (bh + 1) / p.heads, (bh + 1) % p.heads);
-      const T* kt;
-      const T* vs;
-      int64_t ldv = pad.dh;
-      if (p.kv_broadcast) {
-        kt = shared_kt.data() + h * pad.lk * pad.dh;
-        vs = v_in_place ? nullptr : shared_vs.data() + h * pad.lk * pad.dh;
-      } else {
-        layout_transposed(head_ptr(p.k, p.k_strides, b, h), p.k_strides.row, p.lk, p.dh, pad, w.kt.data());
-        if (!v_in_place) {
-          layout_rows(head_ptr(p.v, p.v_strides, b, h), p.v_strides.row, p.lk, pad.lk, p.dh, pad.dh, T(1),
-                      w.vs.data());
-        }
-        kt = w.kt.data();
-        vs = w.vs.data();
-      }
-      if (v_in_place) {
-        vs = reinterpret_cast<const T*>(head_ptr(p.v, p.v_strides, b, h));
-        ldv = p.v_strides.row;
-      }
-      forward_head(p, pad, b, h, kt, vs, ldv, out + bh * p.lq * p.dh, lse + bh * p.lq, w, next);
+      const KeyRows<T> kv = attended_rows(p, shared, b, h, dh_p, w.index.data(), count, w.k.data(), w.v.data());
+      forward_head(p, kv, head_ptr(p.q, p.q_strides, b, h), out + bh * p.lq * p.dh, lse + bh * p.lq, w, next);
     }
   });
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward of one (b, h), FlashAttention-2 style: per query tile, recompute P = exp(S - lse) block
-// by block, then
-//   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),  dQ += dS K,  dK += dS^T Q
-// with S = scale Q K^T and the scale folded into dS (so dQ and dK need no extra pass). dK, dV
-// accumulate over the query tiles (and, for a shared memory, over the batch) in acc_t.
+// Backward of one (b, h), FlashAttention-2 style with the scores transposed: per query tile,
+// recompute P^T = exp(scale K Q^T - lse) block by block, then
+//   dV += P^T dO,  dP^T = V dO^T,  dS^T = P^T * (dP^T - rowsum(dO * O)),  dQ += dS K,  dK += dS^T Q
+// with the scale folded into dS (so dQ and dK need no extra pass). dK, dV of the attended keys
+// accumulate over the query tiles in acc_t scratch (count x Dh_p); the caller puts them in place.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-struct KeyLayouts {
-  const T* kt;    // K^T blocks
-  const T* ks;    // K rows (ld_ks apart)
-  int64_t ld_ks;
-  const T* vt;    // V^T blocks
-};
-
-template <typename T>
 struct BackwardScratch {
-  std::vector<T> q, dout, delta, lse, p, dp, dq, bias, kt, ks, vt;
-  BackwardScratch(const Padded<T>& pad, bool own_keys, bool k_in_place)
-      : q(kQueryTile * pad.dh), dout(kQueryTile * pad.dh), delta(kQueryTile), lse(kQueryTile),
-        p(kQueryTile * kKeyBlock), dp(kQueryTile * kKeyBlock), dq(kQueryTile * pad.dh), bias(pad.lk),
-        kt(own_keys ? pad.lk * pad.dh : 0), ks(own_keys && !k_in_place ? pad.lk * pad.dh : 0),
-        vt(own_keys ? pad.lk * pad.dh : 0) {}
+  int64_t dh_p;
+  std::vector<T> qt, dot, q, dout, delta, lse, p, dp, dq, k, v, dk, dv;
+  std::vector<int64_t> index;
+  BackwardScratch(int64_t lk, int64_t dh, int64_t dh_p_, bool rows_fit)
+      : dh_p(dh_p_), qt(dh * kQueryTile), dot(dh * kQueryTile), q(rows_fit ? 0 : kQueryTile * dh_p_),
+        dout(rows_fit ? 0 : kQueryTile * dh_p_), delta(kQueryTile), lse(kQueryTile),
+        p(std::min(kKeyBlock, lk) * kQueryTile), dp(std::min(kKeyBlock, lk) * kQueryTile), dq(kQueryTile * dh_p_),
+        k(lk * dh_p_), v(lk * dh_p_), dk(lk * dh_p_), dv(lk * dh_p_), index(lk) {}
 };
 
-// dk, dv: accumulators with row stride ld_dkv (null when not needed). `direct`: they are the output
-// rows themselves (acc_t, Lk x Dh exactly): the first query tile overwrites them and rows past Lk
-// are never touched; otherwise they are zeroed Lk_p x Dh_p scratch that is only added to.
 template <typename scalar_t, typename T>
-void backward_head(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_t>& io, const Padded<T>& pad,
-                   int64_t b, int64_t h, const KeyLayouts<T>& keys, T* dk, T* dv, int64_t ld_dkv, bool direct,
-                   BackwardScratch<T>& w, Prefetcher& next) {
-  const int64_t steps = p.lq * ((pad.lk + kKeyBlock - 1) / kKeyBlock);
-  int64_t step = 0;
-  const int64_t dh = p.dh, dhp = pad.dh;
-  const int64_t bh = b * p.heads + h;
-  const bool need_ds = io.grad_q != nullptr || dk != nullptr;
-  key_bias(p.mask ? p.mask + b * p.lk : nullptr, p.lk, pad.lk, w.bias.data());
+void backward_head(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_t>& io, const KeyRows<T>& kv,
+                   int64_t b, int64_t h, BackwardScratch<T>& w, Prefetcher& next) {
+  const int64_t dh = p.dh, dhp = w.dh_p, bh = b * p.heads + h;
+  scalar_t* grad_q = io.grad_q != nullptr ? io.grad_q + bh * p.lq * dh : nullptr;
+  if (kv.count == 0) {  // no key: no probability, no gradient (the caller zeroes dK, dV rows)
+    if (grad_q != nullptr) std::fill(grad_q, grad_q + p.lq * dh, scalar_t(0));
+    return;
+  }
+  const bool need_dk = io.grad_k != nullptr, need_dv = io.grad_v != nullptr;
+  const bool need_ds = grad_q != nullptr || need_dk;
   const scalar_t* q = head_ptr(p.q, p.q_strides, b, h);
   const scalar_t* dout = io.grad_out + bh * p.lq * dh;
   const scalar_t* out = io.out + bh * p.lq * dh;
@@ -510,72 +529,71 @@ void backward_head(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_
   const T scale = static_cast<T>(p.scale);
   T* pm = w.p.data();
   T* dp = w.dp.data();
-  T* dq = w.dq.data();
+  next.pace(query_tiles(p.lq) * kv.count);
   for (int64_t i0 = 0; i0 < p.lq; i0 += kQueryTile) {
     const int64_t tq = std::min(kQueryTile, p.lq - i0);
-    // Q and dO in place when their rows already fit; the scale goes into S and dS instead.
-    const T* qa = w.q.data();
-    const T* doa = w.dout.data();
-    int64_t ldq = dhp, lddo = dhp;
-    if (in_place) {
-      qa = reinterpret_cast<const T*>(q) + i0 * p.q_strides.row;
-      ldq = p.q_strides.row;
-      doa = reinterpret_cast<const T*>(dout) + i0 * dh;
-      lddo = dh;
-    } else {
-      layout_rows(q + i0 * p.q_strides.row, p.q_strides.row, tq, tq, dh, dhp, T(1), w.q.data());
-      layout_rows(dout + i0 * dh, dh, tq, tq, dh, dhp, T(1), w.dout.data());
+    const int64_t n = round_up(tq, kLanes<T>);
+    const bool first_tile = i0 == 0;
+    const scalar_t* qtile = q + i0 * p.q_strides.row;
+    const scalar_t* dotile = dout + i0 * dh;
+    // Q^T, dO^T: B operands of S^T = K Q^T and dP^T = V dO^T. Q, dO rows: of dK = dS^T Q, dV = P^T dO.
+    transpose_rows(qtile, p.q_strides.row, tq, n, dh, w.qt.data());
+    if (need_ds) transpose_rows(dotile, dh, tq, n, dh, w.dot.data());
+    const T* qr = reinterpret_cast<const T*>(qtile);
+    const T* dor = reinterpret_cast<const T*>(dotile);
+    int64_t ldq = p.q_strides.row, lddo = dh;
+    if (!in_place) {
+      gather_rows(qtile, p.q_strides.row, nullptr, tq, dh, dhp, w.q.data());
+      gather_rows(dotile, dh, nullptr, tq, dh, dhp, w.dout.data());
+      qr = w.q.data();
+      dor = w.dout.data();
+      ldq = lddo = dhp;
     }
-    const bool accumulate_kv = !(direct && i0 == 0);
-    for (int64_t i = 0; i < tq; ++i) {
-      const scalar_t* orow = out + (i0 + i) * dh;
-      const T* grow = doa + i * lddo;
+    // Per query lane: delta = rowsum(dO * O) and the lse; padding lanes get lse = +inf, so P = 0 there.
+    for (int64_t i = 0; i < n; ++i) {
       T acc = 0;
+      if (i < tq) {
+        const scalar_t* orow = out + (i0 + i) * dh;
+        const scalar_t* grow = dotile + i * dh;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t d = 0; d < dh; ++d) acc += grow[d] * static_cast<T>(orow[d]);
-      w.delta[i] = acc;
-      w.lse[i] = lse[i0 + i];
-    }
-    for (int64_t j0 = 0; j0 < pad.lk; j0 += kKeyBlock) {
-      const int64_t kw = pad.block_width(j0);
-      const int64_t real = std::min(kw, p.lk - j0);  // keys of the block before the padding
-      const int64_t kv_rows = direct ? real : kw;
-      gemm<T, false>(tq, kw, dhp, qa, ldq, 1, keys.kt + j0 * dhp, kw, pm, kKeyBlock);
-      const T* bias = w.bias.data() + j0;
-      for (int64_t i = 0; i < tq; ++i) {
-        T* row = pm + i * kKeyBlock;
-        next.advance(next.total() * ++step / steps);
-        const T l = w.lse[i];
-        if (l == T(-INFINITY)) {  // a row without keys: no probability, no gradient
-          std::fill(row, row + kw, T(0));
-          continue;
-        }
-#pragma omp simd
-        for (int64_t j = 0; j < kw; ++j) row[j] = exp_nonpositive(std::min(scale * row[j] + bias[j] - l, T(0)));
+        for (int64_t d = 0; d < dh; ++d) acc += static_cast<T>(grow[d]) * static_cast<T>(orow[d]);
       }
-      if (dv != nullptr) {  // dV += P^T dO
-        gemm_into<T>(accumulate_kv, kv_rows, dhp, tq, pm, 1, kKeyBlock, doa, lddo, dv + j0 * ld_dkv, ld_dkv);
+      w.delta[i] = acc;
+      w.lse[i] = i < tq ? lse[i0 + i] : T(INFINITY);
+    }
+    for (int64_t j0 = 0; j0 < kv.count; j0 += kKeyBlock) {
+      const int64_t jb = std::min(kKeyBlock, kv.count - j0);
+      gemm<T, false>(jb, n, dh, kv.k + j0 * kv.ldk, kv.ldk, 1, w.qt.data(), n, pm, n);  // S^T
+      const T* lse_lane = w.lse.data();
+      for (int64_t j = 0; j < jb; ++j) {
+        T* row = pm + j * n;
+        next.step();
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) row[i] = exp_nonpositive(std::min(scale * row[i] - lse_lane[i], T(0)));
+      }
+      if (need_dv) {  // dV (+)= P^T dO
+        gemm_into<T>(!first_tile, jb, dhp, tq, pm, n, 1, dor, lddo, w.dv.data() + j0 * dhp, dhp);
       }
       if (!need_ds) continue;
-      gemm<T, false>(tq, kw, dhp, doa, lddo, 1, keys.vt + j0 * dhp, kw, dp, kKeyBlock);
-      for (int64_t i = 0; i < tq; ++i) {  // dS, times the scale: dQ = dS' K, dK = dS'^T Q
-        T* dsrow = dp + i * kKeyBlock;
-        const T* prow = pm + i * kKeyBlock;
-        const T delta = w.delta[i];
+      gemm<T, false>(jb, n, dh, kv.v + j0 * kv.ldv, kv.ldv, 1, w.dot.data(), n, dp, n);  // dP^T = V dO^T
+      const T* delta = w.delta.data();
+      for (int64_t j = 0; j < jb; ++j) {  // dS^T, times the scale
+        T* dsrow = dp + j * n;
+        const T* prow = pm + j * n;
 #pragma omp simd
-        for (int64_t j = 0; j < kw; ++j) dsrow[j] = scale * prow[j] * (dsrow[j] - delta);
+        for (int64_t i = 0; i < n; ++i) dsrow[i] = scale * prow[i] * (dsrow[i] - delta[i]);
       }
-      if (io.grad_q != nullptr) {
-        gemm_into<T>(j0 > 0, tq, dhp, real, dp, kKeyBlock, 1, keys.ks + j0 * keys.ld_ks, keys.ld_ks, dq, dhp);
+      if (grad_q != nullptr) {  // dQ (+)= dS K
+        gemm_into<T>(j0 > 0, tq, dhp, jb, dp, 1, n, kv.k + j0 * kv.ldk, kv.ldk, w.dq.data(), dhp);
       }
-      if (dk != nullptr) {
-        gemm_into<T>(accumulate_kv, kv_rows, dhp, tq, dp, 1, kKeyBlock, qa, ldq, dk + j0 * ld_dkv, ld_dkv);
+      if (need_dk) {  // dK (+)= dS^T Q
+        gemm_into<T>(!first_tile, jb, dhp, tq, dp, n, 1, qr, ldq, w.dk.data() + j0 * dhp, dhp);
       }
     }
-    if (io.grad_q != nullptr) {
+    if (grad_q != nullptr) {
       for (int64_t i = 0; i < tq; ++i) {
-        const T* src = dq + i * dhp;
-        scalar_t* dst = io.grad_q + (bh * p.lq + i0 + i) * dh;
+        const T* src = w.dq.data() + i * dhp;
+        scalar_t* dst = grad_q + (i0 + i) * dh;
 #pragma omp simd
         for (int64_t d = 0; d < dh; ++d) dst[d] = static_cast<scalar_t>(src[d]);
       }
@@ -583,7 +601,7 @@ void backward_head(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_
   }
 }
 
-// Writes rows (Lk x Dh) of an acc_t layout (Lk_p x Dh_p) into a scalar_t tensor.
+// Writes rows (Lk x Dh) of an acc_t layout (Lk x Dh_p) into a scalar_t tensor.
 template <typename scalar_t, typename T>
 void store_rows(const T* src, int64_t lk, int64_t dh, int64_t dh_padded, scalar_t* dst) {
   for (int64_t j = 0; j < lk; ++j) {
@@ -595,30 +613,11 @@ void store_rows(const T* src, int64_t lk, int64_t dh, int64_t dh_padded, scalar_
 template <typename scalar_t>
 void backward(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_t>& io) {
   using T = at::opmath_type<scalar_t>;
-  const Padded<T> pad(p.lk, p.dh);
-  const int64_t head_size = pad.lk * pad.dh;
+  const int64_t dh_p = round_up(p.dh, kLanes<T>);
+  const int64_t head_size = p.lk * dh_p;
   const bool need_k = io.grad_k != nullptr, need_v = io.grad_v != nullptr;
   if (io.grad_q == nullptr && !need_k && !need_v) return;
-
-  // K rows are read in place when they already are acc_t rows of a vector multiple.
-  const bool k_in_place = rows_in_place<scalar_t, T>(p.dh);
-  std::vector<T> shared_kt, shared_ks, shared_vt;
-  if (p.kv_broadcast) {
-    shared_kt.resize(p.heads * head_size);
-    if (!k_in_place) shared_ks.resize(p.heads * head_size);
-    shared_vt.resize(p.heads * head_size);
-    at::parallel_for(0, p.heads, 1, [&](int64_t h0, int64_t h1) {
-      for (int64_t h = h0; h < h1; ++h) {
-        const scalar_t* k = head_ptr(p.k, p.k_strides, 0, h);
-        layout_transposed(k, p.k_strides.row, p.lk, p.dh, pad, shared_kt.data() + h * head_size);
-        if (!k_in_place) {
-          layout_rows(k, p.k_strides.row, p.lk, pad.lk, p.dh, pad.dh, T(1), shared_ks.data() + h * head_size);
-        }
-        layout_transposed(head_ptr(p.v, p.v_strides, 0, h), p.v_strides.row, p.lk, p.dh, pad,
-                          shared_vt.data() + h * head_size);
-      }
-    });
-  }
+  const std::vector<T> shared = shared_rows<T>(p, dh_p);
 
   // A shared memory's dK, dV are sums over the batch: the (b, h) range is cut into `parts`
   // contiguous pieces (one per thread), each with its own acc_t partial, added up at the end in a
@@ -629,61 +628,43 @@ void backward(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_t>& i
   std::vector<T> partial_dv(p.kv_broadcast && need_v ? parts * p.heads * head_size : 0);
 
   at::parallel_for(0, parts, 1, [&](int64_t part0, int64_t part1) {
-    BackwardScratch<T> w(pad, !p.kv_broadcast, k_in_place);
-    std::vector<T> own_dk(!p.kv_broadcast && !k_in_place && need_k ? head_size : 0);
-    std::vector<T> own_dv(!p.kv_broadcast && !k_in_place && need_v ? head_size : 0);
+    BackwardScratch<T> w(p.lk, p.dh, dh_p, rows_in_place<scalar_t, T>(p.dh));
+    int64_t indexed_b = -1, count = 0;
     for (int64_t part = part0; part < part1; ++part) {
       const int64_t bh0 = p.kv_broadcast ? part * total / parts : part;
       const int64_t bh1 = p.kv_broadcast ? (part + 1) * total / parts : part + 1;
       for (int64_t bh = bh0; bh < bh1; ++bh) {
         const int64_t b = bh / p.heads, h = bh % p.heads;
+        if (b != indexed_b) {
+          count = attended_keys(mask_row(p, b), p.lk, w.index.data());
+          indexed_b = b;
+        }
         Prefetcher next;
-        if (bh + 1 < bh1) {
-          add_inputs(next, p, (bh + 1) / p.heads, (bh + 1) % p.heads);
+        // The next (b, h) of this thread: within the part for a shared memory, the next part otherwise.
+        if (bh + 1 < (p.kv_broadcast ? bh1 : part1)) {
+          const int64_t nb = (bh + 1) / p.heads, nh = (bh + 1) % p.heads;
+          add_inputs(next, p, nb, nh);
           const int64_t row_bytes = p.dh * static_cast<int64_t>(sizeof(scalar_t));
           next.add(io.grad_out + (bh + 1) * p.lq * p.dh, p.lq, row_bytes, row_bytes);
           next.add(io.out + (bh + 1) * p.lq * p.dh, p.lq, row_bytes, row_bytes);
         }
-        KeyLayouts<T> keys;
-        T* dk = nullptr;
-        T* dv = nullptr;
-        int64_t ld_dkv = pad.dh;
-        bool direct = false;
-        if (p.kv_broadcast) {
-          keys = {shared_kt.data() + h * head_size, k_in_place ? nullptr : shared_ks.data() + h * head_size,
-                  pad.dh, shared_vt.data() + h * head_size};
-          if (need_k) dk = partial_dk.data() + (part * p.heads + h) * head_size;
-          if (need_v) dv = partial_dv.data() + (part * p.heads + h) * head_size;
-        } else {
-          const scalar_t* k = head_ptr(p.k, p.k_strides, b, h);
-          layout_transposed(k, p.k_strides.row, p.lk, p.dh, pad, w.kt.data());
-          if (!k_in_place) layout_rows(k, p.k_strides.row, p.lk, pad.lk, p.dh, pad.dh, T(1), w.ks.data());
-          layout_transposed(head_ptr(p.v, p.v_strides, b, h), p.v_strides.row, p.lk, p.dh, pad, w.vt.data());
-          keys = {w.kt.data(), w.ks.data(), pad.dh, w.vt.data()};
-          direct = k_in_place;  // acc_t rows of a vector multiple: accumulate into the outputs themselves
-          if (direct) {
-            ld_dkv = p.dh;
-            if (need_k) dk = reinterpret_cast<T*>(io.grad_k + bh * p.lk * p.dh);
-            if (need_v) dv = reinterpret_cast<T*>(io.grad_v + bh * p.lk * p.dh);
+        const KeyRows<T> kv = attended_rows(p, shared, b, h, dh_p, w.index.data(), count, w.k.data(), w.v.data());
+        backward_head(p, io, kv, b, h, w, next);
+        for (int which = 0; which < 2; ++which) {  // dK, dV of the attended keys into their rows
+          scalar_t* grad = which == 0 ? io.grad_k : io.grad_v;
+          if (grad == nullptr) continue;
+          const T* src = (which == 0 ? w.dk : w.dv).data();
+          if (p.kv_broadcast) {
+            T* sum = (which == 0 ? partial_dk : partial_dv).data() + (part * p.heads + h) * head_size;
+            for (int64_t r = 0; r < count; ++r) {
+              T* dst = sum + w.index[r] * dh_p;
+              const T* row = src + r * dh_p;
+#pragma omp simd
+              for (int64_t d = 0; d < dh_p; ++d) dst[d] += row[d];
+            }
           } else {
-            if (need_k) {
-              dk = own_dk.data();
-              std::fill(own_dk.begin(), own_dk.end(), T(0));
-            }
-            if (need_v) {
-              dv = own_dv.data();
-              std::fill(own_dv.begin(), own_dv.end(), T(0));
-            }
+            scatter_rows(src, w.index.data(), count, p.lk, p.dh, dh_p, grad + bh * p.lk * p.dh);
           }
-        }
-        if (k_in_place) {
-          keys.ks = reinterpret_cast<const T*>(head_ptr(p.k, p.k_strides, b, h));
-          keys.ld_ks = p.k_strides.row;
-        }
-        backward_head(p, io, pad, b, h, keys, dk, dv, ld_dkv, direct, w, next);
-        if (!p.kv_broadcast && !direct) {
-          if (need_k) store_rows(dk, p.lk, p.dh, pad.dh, io.grad_k + bh * p.lk * p.dh);
-          if (need_v) store_rows(dv, p.lk, p.dh, pad.dh, io.grad_v + bh * p.lk * p.dh);
         }
       }
     }
@@ -704,7 +685,7 @@ void backward(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_t>& i
 #pragma omp simd
             for (int64_t x = 0; x < head_size; ++x) sum[x] += src[x];
           }
-          store_rows(sum.data(), p.lk, p.dh, pad.dh, grad + h * p.lk * p.dh);
+          store_rows(sum.data(), p.lk, p.dh, dh_p, grad + h * p.lk * p.dh);
         }
       }
     });
