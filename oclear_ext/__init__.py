@@ -10,13 +10,14 @@ Public API:
     oclear_ext.nn.ConceptAwareFusion    concept-aware image/text fusion of documents
     oclear_ext.hardest_classes          fused top-k of the classes closest to a batch (hard negatives)
     oclear_ext.reference.*              plain-PyTorch references (ground truth, benchmark baselines)
+    oclear_ext.cpu_output_cache         the bounded cache of the CPU ops' large outputs (stats, empty, set_limit)
 """
 
 from ._extension import load_extension
 
 build_info = load_extension()
 
-from . import distributed, nn, optim, reference  # noqa: E402
+from . import cpu_output_cache, distributed, nn, optim, reference  # noqa: E402
 from ._ops.class_topk import hardest_classes  # noqa: E402
 from ._ops.concept_attention import concept_attention  # noqa: E402
 from ._ops.margin_softmax import margin_softmax_loss  # noqa: E402
@@ -24,4 +25,4 @@ from ._ops.negatives import RandomNegatives, TopKNegatives  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["margin_softmax_loss", "concept_attention", "hardest_classes", "RandomNegatives", "TopKNegatives", "nn", "optim",
-           "distributed", "reference", "build_info"]
+           "distributed", "reference", "cpu_output_cache", "build_info"]

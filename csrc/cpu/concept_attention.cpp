@@ -140,8 +140,8 @@ std::tuple<at::Tensor, at::Tensor> concept_attention_forward(const at::Tensor& q
   const at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
   const int64_t b = q.size(0), h = q.size(1), lq = q.size(2), dh = q.size(3);
   const at::ScalarType acc = at::toOpMathType(q.scalar_type());
-  at::Tensor out = at::empty({b, h, lq, dh}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor lse = at::empty({b, h, lq}, q.options().dtype(acc));
+  at::Tensor out = empty_output({b, h, lq, dh}, q.scalar_type());
+  at::Tensor lse = empty_output({b, h, lq}, acc);
   if (out.numel() == 0) return {out, lse};
   if (k.size(2) == 0) {  // no keys at all: every row is a row without keys
     out.zero_();

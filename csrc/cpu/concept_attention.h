@@ -7,6 +7,8 @@
 #include <optional>
 #include <tuple>
 
+#include "output_cache.h"
+
 namespace oclear::cpu {
 
 // Element strides of a (batch, head, row, Dh) tensor whose last dimension is contiguous.
@@ -46,11 +48,14 @@ inline at::Tensor rows_contiguous(const at::Tensor& t) { return t.stride(3) == 1
 // Fresh contiguous gradients shaped like q, k, v (an empty tensor for one not needed); zeroed when q or
 // k is empty, where nothing attends or there is nothing to attend to. A (B, H, Lk, Dh) k that happens
 // to be expanded from batch 1 still gets a per-batch gradient; autograd of the expand sums it.
+// CPU gradients come from the output cache (output_cache.h).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_grads(const at::Tensor& q, const at::Tensor& k,
                                                                   const at::Tensor& v, bool need_q, bool need_k,
                                                                   bool need_v) {
   const auto fresh = [](const at::Tensor& t, bool need) {
-    return need ? at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous)) : t.new_empty({0});
+    if (!need) return t.new_empty({0});
+    if (t.is_cpu()) return empty_output(t.sizes(), t.scalar_type());
+    return at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
   };
   at::Tensor gq = fresh(q, need_q), gk = fresh(k, need_k), gv = fresh(v, need_v);
   if (q.numel() == 0 || k.numel() == 0) {

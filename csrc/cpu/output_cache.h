@@ -1,0 +1,27 @@
+// A bounded cache of the large blocks behind the CPU ops' outputs (see output_cache.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace oclear::cpu {
+
+// A fresh contiguous CPU tensor whose storage comes from the output cache (uninitialised, like
+// at::empty; resizable, freed back into the cache).
+at::Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype);
+
+struct OutputCacheStats {
+  int64_t cached_bytes;  // held by the cache, free for reuse
+  int64_t limit_bytes;   // the most it holds
+  int64_t hits;          // large allocations served from the cache
+  int64_t misses;        // large allocations that went to the system
+};
+
+OutputCacheStats output_cache_stats();
+// Frees every cached block.
+void output_cache_empty();
+// Sets the limit (bytes, >= 0; 0 turns caching off) and frees cached blocks above it.
+void output_cache_set_limit(int64_t bytes);
+
+}  // namespace oclear::cpu

@@ -1,0 +1,123 @@
+"""The CPU output cache behind concept attention's large outputs (oclear_ext.cpu_output_cache)."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import oclear_ext
+from oclear_ext import cpu_output_cache
+
+# out (8, 4, 64, 128) float32 is exactly 1 MiB, the smallest cached block.
+SHAPE = (8, 4, 64, 128)
+
+
+@pytest.fixture
+def cache():
+    limit = cpu_output_cache.stats().limit_bytes
+    cpu_output_cache.set_limit(1 << 30)
+    cpu_output_cache.empty()
+    yield cpu_output_cache
+    cpu_output_cache.set_limit(limit)
+
+
+def attention_inputs(requires_grad=False):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*SHAPE, generator=g).requires_grad_(requires_grad) for _ in range(3))
+    return q, k, v
+
+
+def test_freed_outputs_are_reused(cache):
+    q, k, v = attention_inputs()
+    out = oclear_ext.concept_attention(q, k, v)
+    first_ptr, expected = out.data_ptr(), out.clone()
+    del out
+    assert cache.stats().cached_bytes >= out_bytes()
+    hits = cache.stats().hits
+    again = oclear_ext.concept_attention(q, k, v)
+    assert cache.stats().hits == hits + 1
+    assert again.data_ptr() == first_ptr  # the same block, overwritten with the same result
+    torch.testing.assert_close(again, expected, rtol=0, atol=0)
+
+
+def test_gradients_come_from_the_cache_and_match_a_fresh_run(cache):
+    q, k, v = attention_inputs(requires_grad=True)
+    grad_out = torch.randn(SHAPE)
+    oclear_ext.concept_attention(q, k, v).backward(grad_out)
+    want = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    misses = cache.stats().misses
+    oclear_ext.concept_attention(q, k, v).backward(grad_out)
+    assert cache.stats().misses == misses  # out and the three gradients all reused
+    for t, w in zip((q, k, v), want):
+        torch.testing.assert_close(t.grad, w, rtol=0, atol=0)
+
+
+def out_bytes():
+    return torch.Size(SHAPE).numel() * 4
+
+
+def test_limit_zero_caches_nothing_and_empty_gives_back(cache):
+    q, k, v = attention_inputs()
+    oclear_ext.concept_attention(q, k, v)
+    assert cache.stats().cached_bytes >= out_bytes()
+    cache.empty()
+    assert cache.stats().cached_bytes == 0
+    cache.set_limit(0)
+    oclear_ext.concept_attention(q, k, v)
+    assert cache.stats().cached_bytes == 0
+
+
+def test_lowering_the_limit_frees_down_to_it(cache):
+    q, k, v = attention_inputs()
+    outs = [oclear_ext.concept_attention(q, k, v) for _ in range(3)]
+    del outs
+    assert cache.stats().cached_bytes >= 3 * out_bytes()
+    cache.set_limit(out_bytes())
+    assert cache.stats().cached_bytes <= out_bytes()
+
+
+def test_outputs_behave_like_any_cpu_tensor(cache):
+    q, k, v = attention_inputs()
+    out = oclear_ext.concept_attention(q, k, v)
+    expected = out.clone()
+    buffer = io.BytesIO()
+    torch.save(out, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.load(buffer), expected, rtol=0, atol=0)
+    cache.empty()  # a tensor in use is untouched
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.resize_(2 * out.numel())  # the storage is resizable (it grows through the same allocator)
+    torch.testing.assert_close(out[: expected.numel()].view_as(expected), expected, rtol=0, atol=0)
+    shared = oclear_ext.concept_attention(q, k, v).share_memory_()
+    assert shared.is_shared()
+    torch.testing.assert_close(shared, expected, rtol=0, atol=0)
+
+
+def test_bad_limits_are_refused(cache):
+    with pytest.raises(ValueError, match="limit must be >= 0"):
+        cache.set_limit(-1)
+    with pytest.raises(TypeError, match="limit_bytes must be an int"):
+        cache.set_limit(1.5)
+
+
+def test_bad_environment_setting_is_refused():
+    env = dict(os.environ, OCLEAR_CPU_OUTPUT_CACHE_MIB="lots")
+    code = "import oclear_ext; print(oclear_ext.cpu_output_cache.stats())"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "OCLEAR_CPU_OUTPUT_CACHE_MIB must be a whole number of MiB >= 0, got 'lots'" in result.stderr
+
+
+def test_environment_sets_the_limit():
+    env = dict(os.environ, OCLEAR_CPU_OUTPUT_CACHE_MIB="3")
+    code = "import oclear_ext; print(oclear_ext.cpu_output_cache.stats().limit_bytes)"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(3 << 20)
