@@ -6,7 +6,9 @@ key padding mask (B, Lk)):
              (out, dq, dk, dv; fresh pages are zeroed by the kernel on first touch)
   gemm6      the six plain batched GEMMs of a materialised attention's forward+backward
              (S = q k^T, O = P v, dV = P^T dO, dP = dO v^T, dQ = dS k, dK = dS^T q): the practical ceiling
-  fused      oclear_ext.concept_attention (keeps no attention matrix, recomputes it in the backward)
+  fused      oclear_ext.concept_attention (keeps no attention matrix, recomputes it in the backward; on CPU
+             its outputs come from the output cache, oclear_ext.cpu_output_cache: run with
+             OCLEAR_CPU_OUTPUT_CACHE_MIB=0 to time it on fresh pages like the others)
   fused_tc   the same op with its tensor-core kernels (OCLEAR_CUDA_ATTENTION_TC=1; CUDA, bf16 / fp16; opt-in
              until verified on a GPU; where they do not apply the op runs its CUDA-core kernels)
   sdpa       torch.nn.functional.scaled_dot_product_attention, mask materialised as it needs it
@@ -46,6 +48,9 @@ DEFAULT_SHAPES = [
     (4096, 1, 32, False),
     (256, 1, 64, False),
 ]
+
+
+ALLOCATOR_SETTINGS = ("OCLEAR_CPU_OUTPUT_CACHE_MIB", "MALLOC_MMAP_THRESHOLD_", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
 
 
 def with_tensor_cores(call):
@@ -127,13 +132,18 @@ def bench_shape(b, h, lq, lk, dh, broadcast, device, dtype, repeats):
         torch.testing.assert_close(got, sdpa, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
     fused = checked["fused"]
     timings = common.time_interleaved(variants, device, repeats)
+    # What the CPU output cache keeps between steps (freed outputs held for reuse, not in use).
+    retained = oclear_ext.cpu_output_cache.stats().cached_bytes if device.type == "cpu" else 0
     flops = 12 * b * h * lq * lk * dh  # useful FLOPs of forward+backward (6 GEMMs, no recompute)
     row = {"B": b, "H": h, "Lq": lq, "Lk": lk, "Dh": dh, "memory_broadcast": broadcast,
-           "max_abs_diff_fused_vs_sdpa": (fused - sdpa).abs().max().item(), "variants": {}}
+           "max_abs_diff_fused_vs_sdpa": (fused - sdpa).abs().max().item(), "variants": {},
+           "cpu_output_cache_retained_bytes": retained}
     grads_bytes = (q.numel() + k.numel() + v.numel()) * q.element_size()
     for name, fn in variants.items():
         t = timings[name]
         clear_grads()  # gradients held from the timing would hide the new ones in the peak
+        if device.type == "cpu":
+            oclear_ext.cpu_output_cache.empty()  # cached blocks are resident: the peak must count fresh ones
         extra = common.peak_extra_bytes(fn, device)
         if name not in ("gemm6", "io_floor"):
             extra = max(0, extra - grads_bytes)
@@ -149,7 +159,8 @@ def bench_shape(b, h, lq, lk, dh, broadcast, device, dtype, repeats):
           + (f"  sdpa/fused_tc {row['ratios']['sdpa_over_fused_tc']:.2f}" if "fused_tc" in med else "")
           + f"  reference/fused {row['ratios']['reference_over_fused']:.2f}"
           + f"  fused/gemm6 {row['ratios']['fused_over_gemm6']:.2f}  fused extra {row['variants']['fused']['peak_extra_bytes'] / 2**20:.0f} MiB"
-          + f"  sdpa extra {row['variants']['sdpa']['peak_extra_bytes'] / 2**20:.0f} MiB", flush=True)
+          + f"  sdpa extra {row['variants']['sdpa']['peak_extra_bytes'] / 2**20:.0f} MiB"
+          + (f"  cache retains {retained / 2**20:.0f} MiB" if device.type == "cpu" else ""), flush=True)
     return row
 
 
@@ -204,6 +215,9 @@ def main(argv=None):
     if device.type == "cpu":
         env["oclear_cpu_isa"] = torch.ops.oclear.concept_attention_cpu_isa()
         env["oclear_parallel_threads"] = torch.ops.oclear.parallel_threads_used(64)  # 1 = built without OpenMP
+        env["oclear_cpu_output_cache_limit_bytes"] = oclear_ext.cpu_output_cache.stats().limit_bytes
+    # Settings that change where large blocks come from (fresh pages or reused ones), as run.
+    env["allocator_settings"] = {k: os.environ[k] for k in ALLOCATOR_SETTINGS if k in os.environ}
     print(f"concept attention benchmark: H={args.heads} Dh={args.head_dim} {dtype} on {env.get('gpu', env.get('cpu'))}, "
           f"{env['threads']} threads, torch {env['torch']}, git {env['git']['commit'][:10]}"
           + (f", kernels {env['oclear_cpu_isa']} on {env['oclear_parallel_threads']} threads" if device.type == "cpu"
