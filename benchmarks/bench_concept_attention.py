@@ -20,7 +20,8 @@ key padding mask (B, Lk)):
     python benchmarks/bench_concept_attention.py --full     # B in {256, 1024, 4096} x Lq {1, 32} x Lk {32, 64, 256}
     python benchmarks/bench_concept_attention.py --device cuda --dtype bfloat16
 
-Writes benchmarks/results/concept_attention_<device>_<dtype>.json, .png and, with --log, the raw log.
+Writes benchmarks/results/concept_attention_<device>_<dtype><tag>.json and .png; the committed .log beside them is
+the stdout of that run.
 """
 
 from __future__ import annotations

@@ -254,12 +254,12 @@ void transpose_rows(const scalar_t* src, int64_t ld_src, int64_t rows, int64_t r
         }
       }
 #endif
-      const int64_t dn = std::min(L, cols - d0);
+      // Edge tiles element by element, the padding lanes as one fill (Lq = 1 is a 1-row tile).
+      const int64_t dn = std::min(L, cols - d0), rn = std::min(L, rows - i0);
       for (int64_t d = 0; d < dn; ++d) {
         T* out = dst + (d0 + d) * rows_p + i0;
-        for (int64_t i = 0; i < L; ++i) {
-          out[i] = i0 + i < rows ? static_cast<T>(src[(i0 + i) * ld_src + d0 + d]) : T(0);
-        }
+        for (int64_t i = 0; i < rn; ++i) out[i] = static_cast<T>(src[(i0 + i) * ld_src + d0 + d]);
+        std::fill(out + rn, out + L, T(0));
       }
     }
   }
