@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import oclear_ext
-from oclear_ext import cpu_output_cache
+from oclear_ext import cpu_output_cache, reference
 
 # out (8, 4, 64, 128) float32 is exactly 1 MiB, the smallest cached block.
 SHAPE = (8, 4, 64, 128)
@@ -121,3 +121,29 @@ def test_environment_sets_the_limit():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(3 << 20)
+
+
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_reused_blocks_hold_the_right_values(cache, broadcast):
+    # Reused blocks are written with non-temporal stores (fresh ones with ordinary stores): the second
+    # call, on reused blocks, must match the reference as the first does, padding and shared memory too.
+    g = torch.Generator().manual_seed(1)
+    (b, h, lq, dh), lk = SHAPE, 96
+    q = torch.randn(b, h, lq, dh, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1 if broadcast else b, h, lk, dh, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.rand(b, lk, generator=g) < 0.3
+    mask[0] = True  # a batch element without keys
+    grad_out = torch.randn(b, h, lq, dh, generator=g, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    want_out = reference.concept_attention(*leaves, mask)
+    want_out.backward(grad_out)
+    want = [want_out.detach()] + [t.grad for t in leaves]
+    for _ in range(2):
+        for t in leaves:
+            t.grad = None
+        out = oclear_ext.concept_attention(*leaves, mask)
+        out.backward(grad_out)
+        for got, expected in zip([out.detach()] + [t.grad for t in leaves], want):
+            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+        del out
+    assert cache.stats().hits > 0

@@ -39,6 +39,8 @@ struct BackwardIO {
   scalar_t* grad_q;
   scalar_t* grad_k;
   scalar_t* grad_v;
+  // A gradient whose memory is mapped already (a reused block): stored non-temporally.
+  bool stream_grad_q, stream_grad_k, stream_grad_v;
 };
 
 // Shared with the CUDA glue (csrc/ops/concept_attention.cpp).

@@ -239,6 +239,62 @@ const scalar_t* head_ptr(const scalar_t* base, const Strides4& s, int64_t b, int
   return base + b * s.batch + h * s.head;
 }
 
+// Output rows are written once and never read back by the op: storing whole vectors non-temporally
+// skips the read of every destination line that an ordinary store's write-allocate makes (with the
+// output cache, the blocks are reused memory that is no longer in any cache). GCC on x86 only; other
+// compilers and edge rows store normally. streaming_fence() orders them before the thread finishes.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define OCLEAR_STREAMING_STORES 1
+template <typename T>
+inline void stream_vector(T* dst, typename Simd<T>::V v) {
+  if constexpr (std::is_same_v<T, float>) {
+    if constexpr (kVectorBytes == 64) {
+      __builtin_ia32_movntps512(dst, v);
+    } else if constexpr (kVectorBytes == 32) {
+      __builtin_ia32_movntps256(dst, v);
+    } else {
+      __builtin_ia32_movntps(dst, v);
+    }
+  } else {
+    if constexpr (kVectorBytes == 64) {
+      __builtin_ia32_movntpd512(dst, v);
+    } else if constexpr (kVectorBytes == 32) {
+      __builtin_ia32_movntpd256(dst, v);
+    } else {
+      __builtin_ia32_movntpd(dst, v);
+    }
+  }
+}
+inline void streaming_fence() { __builtin_ia32_sfence(); }
+#else
+inline void streaming_fence() {}
+#endif
+
+// dst[d] = factor * src[d] for d < n, converted to scalar_t (src null: zeros); non-temporal where
+// `stream` and the row is whole aligned vectors of acc_t.
+template <typename scalar_t, typename T>
+inline void store_row(const T* src, int64_t n, T factor, scalar_t* dst, bool stream) {
+#ifdef OCLEAR_STREAMING_STORES
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    using V = typename Simd<T>::V;
+    using U = typename Simd<T>::U;
+    constexpr int64_t L = kLanes<T>;
+    if (stream && n % L == 0 && reinterpret_cast<uintptr_t>(dst) % kVectorBytes == 0) {
+      for (int64_t d = 0; d < n; d += L) {
+        stream_vector(dst + d, src != nullptr ? factor * *reinterpret_cast<const U*>(src + d) : V{});
+      }
+      return;
+    }
+  }
+#endif
+  if (src == nullptr) {
+    std::fill(dst, dst + n, scalar_t(0));
+    return;
+  }
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<scalar_t>(factor * src[d]);
+}
+
 // dst (cols x rows_p, row-major) = src^T, src (rows x cols, row stride ld_src) converted to T; lanes
 // rows..rows_p of dst are zero. Whole L x L tiles of acc_t input go through register transposes.
 template <typename scalar_t, typename T>
@@ -282,18 +338,13 @@ void gather_rows(const src_t* src, int64_t ld_src, const int64_t* index, int64_t
 // (a padding key gets no gradient). index is increasing.
 template <typename scalar_t, typename T>
 void scatter_rows(const T* src, const int64_t* index, int64_t count, int64_t lk, int64_t dh, int64_t dh_p,
-                  scalar_t* dst) {
+                  scalar_t* dst, bool stream) {
   int64_t r = 0;
   for (int64_t j = 0; j < lk; ++j) {
     scalar_t* row = dst + j * dh;
-    if (r < count && index[r] == j) {
-      const T* from = src + r * dh_p;
-#pragma omp simd
-      for (int64_t d = 0; d < dh; ++d) row[d] = static_cast<scalar_t>(from[d]);
-      ++r;
-    } else {
-      std::fill(row, row + dh, scalar_t(0));
-    }
+    const bool attended = r < count && index[r] == j;
+    store_row(attended ? src + r * dh_p : nullptr, dh, T(1), row, stream);
+    r += attended;
   }
 }
 
@@ -427,7 +478,7 @@ void softmax_block(T* s, int64_t jb, int64_t n, T scale, T* m, T* l, T* alpha, P
 
 template <typename scalar_t, typename T>
 void forward_head(const AttentionProblem<scalar_t>& p, const KeyRows<T>& kv, const scalar_t* q, scalar_t* out, T* lse,
-                  ForwardScratch<T>& w, Prefetcher& next) {
+                  bool stream, ForwardScratch<T>& w, Prefetcher& next) {
   const int64_t dh = p.dh, dhp = w.dh_p;
   if (kv.count == 0) {  // every key is padding: out = 0, lse = -inf
     std::fill(out, out + p.lq * dh, scalar_t(0));
@@ -461,16 +512,14 @@ void forward_head(const AttentionProblem<scalar_t>& p, const KeyRows<T>& kv, con
     for (int64_t i = 0; i < tq; ++i) {  // every query saw at least one key: l >= 1
       const T inv = T(1) / w.l[i];
       const T* orow = o + i * dhp;
-      scalar_t* dst = out + (i0 + i) * dh;
-#pragma omp simd
-      for (int64_t d = 0; d < dh; ++d) dst[d] = static_cast<scalar_t>(orow[d] * inv);
+      store_row(orow, dh, inv, out + (i0 + i) * dh, stream);
       lse[i0 + i] = w.m[i] + std::log(w.l[i]);
     }
   }
 }
 
 template <typename scalar_t>
-void forward(const AttentionProblem<scalar_t>& p, scalar_t* out, at::opmath_type<scalar_t>* lse) {
+void forward(const AttentionProblem<scalar_t>& p, scalar_t* out, at::opmath_type<scalar_t>* lse, bool stream) {
   using T = at::opmath_type<scalar_t>;
   const int64_t dh_p = round_up(p.dh, kLanes<T>);
   const std::vector<T> shared = shared_rows<T>(p, dh_p);
@@ -486,8 +535,9 @@ void forward(const AttentionProblem<scalar_t>& p, scalar_t* out, at::opmath_type
       Prefetcher next;
       if (bh + 1 < bh1) add_inputs(next, p, (bh + 1) / p.heads, (bh + 1) % p.heads);
       const KeyRows<T> kv = attended_rows(p, shared, b, h, dh_p, w.index.data(), count, w.k.data(), w.v.data());
-      forward_head(p, kv, head_ptr(p.q, p.q_strides, b, h), out + bh * p.lq * p.dh, lse + bh * p.lq, w, next);
+      forward_head(p, kv, head_ptr(p.q, p.q_strides, b, h), out + bh * p.lq * p.dh, lse + bh * p.lq, stream, w, next);
     }
+    streaming_fence();
   });
 }
 
@@ -592,10 +642,7 @@ void backward_head(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_
     }
     if (grad_q != nullptr) {
       for (int64_t i = 0; i < tq; ++i) {
-        const T* src = w.dq.data() + i * dhp;
-        scalar_t* dst = grad_q + (i0 + i) * dh;
-#pragma omp simd
-        for (int64_t d = 0; d < dh; ++d) dst[d] = static_cast<scalar_t>(src[d]);
+        store_row(w.dq.data() + i * dhp, dh, T(1), grad_q + (i0 + i) * dh, io.stream_grad_q);
       }
     }
   }
@@ -603,11 +650,8 @@ void backward_head(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_
 
 // Writes rows (Lk x Dh) of an acc_t layout (Lk x Dh_p) into a scalar_t tensor.
 template <typename scalar_t, typename T>
-void store_rows(const T* src, int64_t lk, int64_t dh, int64_t dh_padded, scalar_t* dst) {
-  for (int64_t j = 0; j < lk; ++j) {
-#pragma omp simd
-    for (int64_t d = 0; d < dh; ++d) dst[j * dh + d] = static_cast<scalar_t>(src[j * dh_padded + d]);
-  }
+void store_rows(const T* src, int64_t lk, int64_t dh, int64_t dh_padded, scalar_t* dst, bool stream) {
+  for (int64_t j = 0; j < lk; ++j) store_row(src + j * dh_padded, dh, T(1), dst + j * dh, stream);
 }
 
 template <typename scalar_t>
@@ -653,6 +697,7 @@ void backward(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_t>& i
         for (int which = 0; which < 2; ++which) {  // dK, dV of the attended keys into their rows
           scalar_t* grad = which == 0 ? io.grad_k : io.grad_v;
           if (grad == nullptr) continue;
+          const bool stream = which == 0 ? io.stream_grad_k : io.stream_grad_v;
           const T* src = (which == 0 ? w.dk : w.dv).data();
           if (p.kv_broadcast) {
             T* sum = (which == 0 ? partial_dk : partial_dv).data() + (part * p.heads + h) * head_size;
@@ -663,11 +708,12 @@ void backward(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_t>& i
               for (int64_t d = 0; d < dh_p; ++d) dst[d] += row[d];
             }
           } else {
-            scatter_rows(src, w.index.data(), count, p.lk, p.dh, dh_p, grad + bh * p.lk * p.dh);
+            scatter_rows(src, w.index.data(), count, p.lk, p.dh, dh_p, grad + bh * p.lk * p.dh, stream);
           }
         }
       }
     }
+    streaming_fence();
   });
 
   if (p.kv_broadcast) {
@@ -679,15 +725,17 @@ void backward(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_t>& i
           const std::vector<T>& partial = which == 0 ? partial_dk : partial_dv;
           scalar_t* grad = which == 0 ? io.grad_k : io.grad_v;
           if (grad == nullptr) continue;
+          const bool stream = which == 0 ? io.stream_grad_k : io.stream_grad_v;
           std::fill(sum.begin(), sum.end(), T(0));
           for (int64_t part = 0; part < parts; ++part) {
             const T* src = partial.data() + (part * p.heads + h) * head_size;
 #pragma omp simd
             for (int64_t x = 0; x < head_size; ++x) sum[x] += src[x];
           }
-          store_rows(sum.data(), p.lk, p.dh, dh_p, grad + h * p.lk * p.dh);
+          store_rows(sum.data(), p.lk, p.dh, dh_p, grad + h * p.lk * p.dh, stream);
         }
       }
+      streaming_fence();
     });
   }
 }

@@ -55,10 +55,11 @@ class OutputCache final : public c10::Allocator {
         ++misses_;
       }
     }
-    if (ptr == nullptr) ptr = c10::alloc_cpu(n);
+    const bool reused = ptr != nullptr;
+    if (!reused) ptr = c10::alloc_cpu(n);
     if (n >= kMinCachedBytes) {
       std::lock_guard<std::mutex> lock(mutex_);
-      live_[ptr] = n;
+      live_[ptr] = Block{n, reused};
     }
     return {ptr, ptr, &release, c10::Device(c10::DeviceType::CPU)};
   }
@@ -67,6 +68,12 @@ class OutputCache final : public c10::Allocator {
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
+  }
+
+  bool reused(const void* ptr) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = live_.find(const_cast<void*>(ptr));
+    return it != live_.end() && it->second.reused;
   }
 
   OutputCacheStats stats() {
@@ -109,7 +116,7 @@ class OutputCache final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = live_.find(ptr);
       if (it != live_.end()) {
-        const size_t n = it->second;
+        const size_t n = it->second.bytes;
         live_.erase(it);
         if (cached_ + static_cast<int64_t>(n) <= limit_) {
           free_.emplace(n, ptr);
@@ -129,9 +136,13 @@ class OutputCache final : public c10::Allocator {
     }
   }
 
+  struct Block {
+    size_t bytes;
+    bool reused;  // came from the free list: its pages are mapped already
+  };
   std::mutex mutex_;
   std::unordered_multimap<size_t, void*> free_;  // size -> block
-  std::unordered_map<void*, size_t> live_;       // large blocks handed out
+  std::unordered_map<void*, Block> live_;        // large blocks handed out
   int64_t cached_ = 0, limit_, hits_ = 0, misses_ = 0;
 };
 
@@ -140,6 +151,10 @@ class OutputCache final : public c10::Allocator {
 at::Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype) {
   return at::detail::empty_generic(sizes, &OutputCache::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    dtype, at::MemoryFormat::Contiguous);
+}
+
+bool output_block_reused(const at::Tensor& t) {
+  return t.defined() && t.is_cpu() && t.storage_offset() == 0 && OutputCache::instance().reused(t.storage().data());
 }
 
 OutputCacheStats output_cache_stats() { return OutputCache::instance().stats(); }

@@ -11,6 +11,10 @@ namespace oclear::cpu {
 // at::empty; resizable, freed back into the cache).
 at::Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype);
 
+// Whether t's storage is a block the cache handed out again (its pages are mapped already, so
+// writes to it never fault; a fresh block's first writes do).
+bool output_block_reused(const at::Tensor& t);
+
 struct OutputCacheStats {
   int64_t cached_bytes;  // held by the cache, free for reuse
   int64_t limit_bytes;   // the most it holds
