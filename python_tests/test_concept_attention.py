@@ -167,6 +167,14 @@ def test_every_instruction_set_path(isa):
         "        want = output_and_grads(reference.concept_attention, q, k, v, m, g)\n"
         "        tol = 1e-10 if dt == torch.float64 else 1e-4\n"
         "        for a, e in zip(got, want): torch.testing.assert_close(a, e, rtol=tol, atol=tol)\n"
+        "q, k, v, m = make_attention_inputs(8, 4, 64, 64, 128, pad_fraction=0.3, dtype=torch.float32, seed=2)\n"
+        "g = torch.randn_like(q)\n"
+        "want = output_and_grads(reference.concept_attention, q, k, v, m, g)\n"
+        "for _ in range(2):  # the second call writes into reused cache blocks, with non-temporal stores\n"
+        "    got = output_and_grads(oclear_ext.concept_attention, q, k, v, m, g)\n"
+        "    for a, e in zip(got, want): torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)\n"
+        "    del got, a, e\n"
+        "assert oclear_ext.cpu_output_cache.stats().hits >= 4, oclear_ext.cpu_output_cache.stats()\n"
         "print('ok')\n"
     )
     env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)

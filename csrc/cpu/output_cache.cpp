@@ -32,7 +32,7 @@ int64_t limit_from_environment() {
   if (text == nullptr || *text == '\0') return kDefaultLimitMib << 20;
   char* end = nullptr;
   const long long mib = std::strtoll(text, &end, 10);
-  TORCH_CHECK_VALUE(end != text && *end == '\0' && mib >= 0,
+  TORCH_CHECK_VALUE(end != text && *end == '\0' && mib >= 0 && mib <= (INT64_MAX >> 20),
                     "OCLEAR_CPU_OUTPUT_CACHE_MIB must be a whole number of MiB >= 0, got '", text, "'");
   return static_cast<int64_t>(mib) << 20;
 }
