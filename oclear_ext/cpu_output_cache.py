@@ -4,8 +4,8 @@ glibc maps every large allocation (above its mmap threshold, at most 32 MiB) fre
 free, so each large output of every training step is page-faulted in again; on a small VM that costs
 ~22-30 ms per 128 MiB, at the concept-attention benchmark shape ~40% of the op's time. Like the CUDA
 caching allocator, the CPU concept-attention op (its out, lse and gradients) takes blocks of 1 MiB
-and more from a free list, reused by exact size (a training step asks for the same sizes every
-step), holding at most ``limit`` bytes: ``OCLEAR_CPU_OUTPUT_CACHE_MIB`` (default 1024; 0 turns
+and more from a free list (the smallest cached block that fits and is less than twice the request: a
+training step asks for the same sizes every step), holding at most ``limit`` bytes: ``OCLEAR_CPU_OUTPUT_CACHE_MIB`` (default 1024; 0 turns
 caching off) or :func:`set_limit`. Tensors behave as any CPU tensor (resizable, shareable,
 serialisable); only where their memory goes when freed differs.
 """

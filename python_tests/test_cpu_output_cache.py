@@ -147,3 +147,26 @@ def test_reused_blocks_hold_the_right_values(cache, broadcast):
             torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
         del out
     assert cache.stats().hits > 0
+
+
+
+def test_a_request_takes_the_smallest_cached_block_that_fits(cache):
+    q, k, v = attention_inputs()  # out: 1 MiB
+    big = [torch.cat([t, t[:2]]) for t in (q, k, v)]  # out: 1.25 MiB
+    outs = [oclear_ext.concept_attention(q, k, v), oclear_ext.concept_attention(*big)]
+    del outs  # both blocks cached
+    hits = cache.stats().hits
+    mid = [torch.cat([t, t[:1]]) for t in (q, k, v)]  # 1.125 MiB: only the 1.25 MiB block fits
+    out = oclear_ext.concept_attention(*mid)
+    assert cache.stats().hits == hits + 1
+    torch.testing.assert_close(out, reference.concept_attention(*mid), rtol=1e-5, atol=1e-5)
+
+
+def test_a_block_twice_the_request_or_more_is_not_taken(cache):
+    q, k, v = attention_inputs()
+    triple = [torch.cat([t, t, t]) for t in (q, k, v)]
+    out = oclear_ext.concept_attention(*triple)
+    del out  # only a 3 MiB block cached
+    misses = cache.stats().misses
+    out = oclear_ext.concept_attention(q, k, v)  # 1 MiB
+    assert cache.stats().misses == misses + 1

@@ -5,8 +5,9 @@
 // page by page. On a 2-core VM that costs ~22-30 ms per 128 MiB (kernel page allocation, memory
 // cgroup charge, zeroing), measured: at the concept-attention benchmark shape it was ~40% of the
 // op's forward+backward time, more than the arithmetic. The CUDA caching allocator exists for the
-// same reason. Blocks are reused by exact size (a training step asks for the same sizes every
-// time); the cache holds at most `limit` bytes (OCLEAR_CPU_OUTPUT_CACHE_MIB, default 1024; 0 turns
+// same reason. A request takes the smallest cached block that fits and is less than twice its size
+// (a training step asks for the same sizes every time; varying ones still find a block); the cache
+// holds at most `limit` bytes (OCLEAR_CPU_OUTPUT_CACHE_MIB, default 1024; 0 turns
 // it off) and oclear_ext.cpu_output_cache.empty() gives everything back.
 #include "output_cache.h"
 
@@ -15,6 +16,7 @@
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <cstdlib>
+#include <map>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -43,13 +45,16 @@ class OutputCache final : public c10::Allocator {
 
   c10::DataPtr allocate(size_t n) override {
     void* ptr = nullptr;
+    size_t bytes = n;  // the block's real size (a reused one may be larger than asked for)
     if (n >= kMinCachedBytes) {
       std::lock_guard<std::mutex> lock(mutex_);
-      auto it = free_.find(n);
-      if (it != free_.end()) {
+      // The smallest cached block that fits, if it wastes less than half of itself.
+      auto it = free_.lower_bound(n);
+      if (it != free_.end() && it->first < 2 * n) {
+        bytes = it->first;
         ptr = it->second;
         free_.erase(it);
-        cached_ -= static_cast<int64_t>(n);
+        cached_ -= static_cast<int64_t>(bytes);
         ++hits_;
       } else {
         ++misses_;
@@ -59,7 +64,7 @@ class OutputCache final : public c10::Allocator {
     if (!reused) ptr = c10::alloc_cpu(n);
     if (n >= kMinCachedBytes) {
       std::lock_guard<std::mutex> lock(mutex_);
-      live_[ptr] = Block{n, reused};
+      live_[ptr] = Block{bytes, reused};
     }
     return {ptr, ptr, &release, c10::Device(c10::DeviceType::CPU)};
   }
@@ -141,7 +146,7 @@ class OutputCache final : public c10::Allocator {
     bool reused;  // came from the free list: its pages are mapped already
   };
   std::mutex mutex_;
-  std::unordered_multimap<size_t, void*> free_;  // size -> block
+  std::multimap<size_t, void*> free_;            // size -> block
   std::unordered_map<void*, Block> live_;        // large blocks handed out
   int64_t cached_ = 0, limit_, hits_ = 0, misses_ = 0;
 };
