@@ -245,6 +245,44 @@ __device__ __forceinline__ void stage_slice(T* dst, const T* base, const int64_t
              nthreads);
 }
 
+// The forward and dq blocks' shared memory, carved from query_layout: the block's K and V rows and key
+// bias, and this warp's slices (dout, dp and stats have room only in the backward's layout).
+template <typename T>
+struct QuerySmem {
+  T* k;
+  T* v;
+  float* bias;
+  T* q;
+  T* dout;
+  float* s;
+  float* dp;
+  T* p;
+  float* stats;
+  __device__ QuerySmem(unsigned char* smem, const QueryLayout& lay, int warp) {
+    unsigned char* mine = smem + lay.warps + warp * lay.per_warp;
+    k = reinterpret_cast<T*>(smem + lay.k);
+    v = reinterpret_cast<T*>(smem + lay.v);
+    bias = reinterpret_cast<float*>(smem + lay.bias);
+    q = reinterpret_cast<T*>(mine + lay.q);
+    dout = reinterpret_cast<T*>(mine + lay.dout);
+    s = reinterpret_cast<float*>(mine + lay.s);
+    dp = reinterpret_cast<float*>(mine + lay.dp);
+    p = reinterpret_cast<T*>(mine + lay.p);
+    stats = reinterpret_cast<float*>(mine + lay.stats);
+  }
+};
+
+// The warp's 16 x kDh result rows, staged as float32 (ld lds), times factor into dst's (b, h) rows
+// from r0 (rows past Lq are not written).
+template <typename T, int kDh>
+__device__ __forceinline__ void store_query_rows(const TcParams& p, const float* staged, int lds, float factor, T* dst,
+                                                 int64_t bh, int64_t r0) {
+  for (int x = threadIdx.x % 32; x < kTile * kDh; x += 32) {
+    const int r = x / kDh, d = x - r * kDh;
+    if (r0 + r < p.lq) dst[(bh * p.lq + r0 + r) * kDh + d] = from_float<T>(factor * staged[r * lds + d]);
+  }
+}
+
 // What the forward and dq blocks stage alike: the (b, h) keys, values and key bias (0 or -inf, keys past
 // Lk included) by the whole block, and the warp's 16 query rows from r0 by the warp.
 template <typename T, int kDh>
@@ -271,13 +309,9 @@ __global__ void __launch_bounds__(kThreads, 1) forward_tc_kernel(TcParams p, con
   const int lkp = p.lkp, lds = (lkp > kDh ? lkp : kDh) + kPad32, ldp = lkp + kPad16;
   const QueryLayout lay = query_layout(kDh, lkp, false);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  T* ks = reinterpret_cast<T*>(smem + lay.k);
-  T* vs = reinterpret_cast<T*>(smem + lay.v);
-  float* bias = reinterpret_cast<float*>(smem + lay.bias);
-  unsigned char* mine = smem + lay.warps + warp * lay.per_warp;
-  T* qs = reinterpret_cast<T*>(mine + lay.q);
-  float* ss = reinterpret_cast<float*>(mine + lay.s);
-  T* ps = reinterpret_cast<T*>(mine + lay.p);
+  const QuerySmem<T> sm(smem, lay, warp);
+  T *ks = sm.k, *vs = sm.v, *qs = sm.q, *ps = sm.p;
+  float *bias = sm.bias, *ss = sm.s;
 
   const BlockIndex blk = block_index(p.lq, p.heads);
   const int64_t b = blk.outer, h = blk.h, bh = b * p.heads + h;
@@ -309,10 +343,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_tc_kernel(TcParams p, con
   __syncwarp();
   tile_product<T, true>(ss, lds, ps, ldp, vs, ld16, kDh / kTile, lkp / kTile);  // O = P V, staged in ss
   __syncwarp();
-  for (int x = lane; x < kTile * kDh; x += 32) {
-    const int r = x / kDh, d = x - r * kDh;
-    if (r0 + r < p.lq) out[(bh * p.lq + r0 + r) * kDh + d] = from_float<T>(ss[r * lds + d]);
-  }
+  store_query_rows<T, kDh>(p, ss, lds, 1.f, out, bh, r0);
 #endif
 }
 
@@ -332,17 +363,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int lkp = p.lkp, lds = (lkp > kDh ? lkp : kDh) + kPad32, ldd = lkp + kPad32, ldp = lkp + kPad16;
   const QueryLayout lay = query_layout(kDh, lkp, true);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  T* ks = reinterpret_cast<T*>(smem + lay.k);
-  T* vs = reinterpret_cast<T*>(smem + lay.v);
-  float* bias = reinterpret_cast<float*>(smem + lay.bias);
-  unsigned char* mine = smem + lay.warps + warp * lay.per_warp;
-  T* qs = reinterpret_cast<T*>(mine + lay.q);
-  T* dos = reinterpret_cast<T*>(mine + lay.dout);
-  float* ss = reinterpret_cast<float*>(mine + lay.s);
-  float* dps = reinterpret_cast<float*>(mine + lay.dp);
-  T* dss = reinterpret_cast<T*>(mine + lay.p);
-  float* row_lse = reinterpret_cast<float*>(mine + lay.stats);
-  float* row_delta = row_lse + kTile;
+  const QuerySmem<T> sm(smem, lay, warp);
+  T *ks = sm.k, *vs = sm.v, *qs = sm.q, *dos = sm.dout, *dss = sm.p;
+  float *bias = sm.bias, *ss = sm.s, *dps = sm.dp, *row_lse = sm.stats, *row_delta = sm.stats + kTile;
 
   const BlockIndex blk = block_index(p.lq, p.heads);
   const int64_t b = blk.outer, h = blk.h, bh = b * p.heads + h;
@@ -382,10 +405,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncwarp();
   tile_product<T, true>(ss, lds, dss, ldp, ks, ld16, kDh / kTile, lkp / kTile);  // dS K, staged in ss
   __syncwarp();
-  for (int x = lane; x < kTile * kDh; x += 32) {
-    const int r = x / kDh, d = x - r * kDh;
-    if (r0 + r < p.lq) grad_q[(bh * p.lq + r0 + r) * kDh + d] = from_float<T>(p.scale * ss[r * lds + d]);
-  }
+  store_query_rows<T, kDh>(p, ss, lds, p.scale, grad_q, bh, r0);
 #endif
 }
 
