@@ -348,15 +348,6 @@ void scatter_rows(const T* src, const int64_t* index, int64_t count, int64_t lk,
   }
 }
 
-// The keys of mask row `mask_row` (null: no mask) that take part, in order, into `index`; their count.
-inline int64_t attended_keys(const bool* mask_row, int64_t lk, int64_t* index) {
-  int64_t n = 0;
-  for (int64_t j = 0; j < lk; ++j) {
-    if (mask_row == nullptr || !mask_row[j]) index[n++] = j;
-  }
-  return n;
-}
-
 // K and V rows of the keys one (b, h) attends, in acc_t, `count` of them; V's rows (a B operand)
 // are a whole number of vectors wide, zero past Dh.
 template <typename T>
@@ -385,33 +376,51 @@ std::vector<T> shared_rows(const AttentionProblem<scalar_t>& p, int64_t dh_p) {
   return rows;
 }
 
-// The attended K, V rows of (b, h): the tensors' own rows when every key takes part and they fit,
-// the shared converted copy likewise, else gathered (and converted) into kbuf, vbuf.
-template <typename scalar_t, typename T>
-KeyRows<T> attended_rows(const AttentionProblem<scalar_t>& p, const std::vector<T>& shared, int64_t b, int64_t h,
-                         int64_t dh_p, const int64_t* index, int64_t count, T* kbuf, T* vbuf) {
-  const bool all = count == p.lk;
-  if (all && rows_in_place<scalar_t, T>(p.dh)) {
-    return {reinterpret_cast<const T*>(head_ptr(p.k, p.k_strides, b, h)),
-            reinterpret_cast<const T*>(head_ptr(p.v, p.v_strides, b, h)), p.k_strides.row, p.v_strides.row, count};
-  }
-  if (!shared.empty()) {
-    const T* k = shared.data() + 2 * h * p.lk * dh_p;
-    const T* v = k + p.lk * dh_p;
-    if (all) return {k, v, dh_p, dh_p, count};
-    gather_rows(k, dh_p, index, count, dh_p, dh_p, kbuf);
-    gather_rows(v, dh_p, index, count, dh_p, dh_p, vbuf);
-  } else {
-    gather_rows(head_ptr(p.k, p.k_strides, b, h), p.k_strides.row, all ? nullptr : index, count, p.dh, dh_p, kbuf);
-    gather_rows(head_ptr(p.v, p.v_strides, b, h), p.v_strides.row, all ? nullptr : index, count, p.dh, dh_p, vbuf);
-  }
-  return {kbuf, vbuf, dh_p, dh_p, count};
-}
+// One thread's view of the keys: which keys the current batch element attends (listed once per b,
+// reused by its heads) and room to gather their K, V rows.
+template <typename T>
+class KeyGather {
+ public:
+  KeyGather(int64_t lk, int64_t dh_p) : index_(lk), k_(lk * dh_p), v_(lk * dh_p), dh_p_(dh_p) {}
 
-template <typename scalar_t>
-const bool* mask_row(const AttentionProblem<scalar_t>& p, int64_t b) {
-  return p.mask != nullptr ? p.mask + b * p.lk : nullptr;
-}
+  // The attended K, V rows of (b, h): the tensors' own rows when every key takes part and they fit,
+  // the shared converted copy likewise, else gathered (and converted) into this thread's buffers.
+  template <typename scalar_t>
+  KeyRows<T> rows(const AttentionProblem<scalar_t>& p, const std::vector<T>& shared, int64_t b, int64_t h) {
+    if (b != listed_b_) {
+      count_ = 0;
+      for (int64_t j = 0; j < p.lk; ++j) {
+        if (p.mask == nullptr || !p.mask[b * p.lk + j]) index_[count_++] = j;
+      }
+      listed_b_ = b;
+    }
+    const bool all = count_ == p.lk;
+    if (all && rows_in_place<scalar_t, T>(p.dh)) {
+      return {reinterpret_cast<const T*>(head_ptr(p.k, p.k_strides, b, h)),
+              reinterpret_cast<const T*>(head_ptr(p.v, p.v_strides, b, h)), p.k_strides.row, p.v_strides.row, count_};
+    }
+    if (!shared.empty()) {
+      const T* k = shared.data() + 2 * h * p.lk * dh_p_;
+      const T* v = k + p.lk * dh_p_;
+      if (all) return {k, v, dh_p_, dh_p_, count_};
+      gather_rows(k, dh_p_, index_.data(), count_, dh_p_, dh_p_, k_.data());
+      gather_rows(v, dh_p_, index_.data(), count_, dh_p_, dh_p_, v_.data());
+    } else {
+      const int64_t* index = all ? nullptr : index_.data();
+      gather_rows(head_ptr(p.k, p.k_strides, b, h), p.k_strides.row, index, count_, p.dh, dh_p_, k_.data());
+      gather_rows(head_ptr(p.v, p.v_strides, b, h), p.v_strides.row, index, count_, p.dh, dh_p_, v_.data());
+    }
+    return {k_.data(), v_.data(), dh_p_, dh_p_, count_};
+  }
+
+  // The attended keys of the last batch element rows() was called for, increasing.
+  const int64_t* index() const { return index_.data(); }
+
+ private:
+  std::vector<int64_t> index_;
+  std::vector<T> k_, v_;
+  int64_t dh_p_, listed_b_ = -1, count_ = 0;
+};
 
 template <typename scalar_t>
 void add_inputs(Prefetcher& pf, const AttentionProblem<scalar_t>& p, int64_t b, int64_t h) {
@@ -432,11 +441,11 @@ inline int64_t query_tiles(int64_t lq) { return (lq + kQueryTile - 1) / kQueryTi
 template <typename T>
 struct ForwardScratch {
   int64_t dh_p;
-  std::vector<T> qt, s, o, m, l, alpha, k, v;
-  std::vector<int64_t> index;
+  std::vector<T> qt, s, o, m, l, alpha;
+  KeyGather<T> keys;
   ForwardScratch(int64_t lk, int64_t dh, int64_t dh_p_)
       : dh_p(dh_p_), qt(dh * kQueryTile), s(std::min(kKeyBlock, lk) * kQueryTile), o(kQueryTile * dh_p_),
-        m(kQueryTile), l(kQueryTile), alpha(kQueryTile), k(lk * dh_p_), v(lk * dh_p_), index(lk) {}
+        m(kQueryTile), l(kQueryTile), alpha(kQueryTile), keys(lk, dh_p_) {}
 };
 
 // One key block of the online softmax over S^T (jb x n, a query per lane): s <- exp(scale s - m'),
@@ -525,16 +534,11 @@ void forward(const AttentionProblem<scalar_t>& p, scalar_t* out, at::opmath_type
   const std::vector<T> shared = shared_rows<T>(p, dh_p);
   at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t bh0, int64_t bh1) {
     ForwardScratch<T> w(p.lk, p.dh, dh_p);
-    int64_t indexed_b = -1, count = 0;
     for (int64_t bh = bh0; bh < bh1; ++bh) {
       const int64_t b = bh / p.heads, h = bh % p.heads;
-      if (b != indexed_b) {
-        count = attended_keys(mask_row(p, b), p.lk, w.index.data());
-        indexed_b = b;
-      }
       Prefetcher next;
       if (bh + 1 < bh1) add_inputs(next, p, (bh + 1) / p.heads, (bh + 1) % p.heads);
-      const KeyRows<T> kv = attended_rows(p, shared, b, h, dh_p, w.index.data(), count, w.k.data(), w.v.data());
+      const KeyRows<T> kv = w.keys.rows(p, shared, b, h);
       forward_head(p, kv, head_ptr(p.q, p.q_strides, b, h), out + bh * p.lq * p.dh, lse + bh * p.lq, stream, w, next);
     }
     streaming_fence();
@@ -551,13 +555,13 @@ void forward(const AttentionProblem<scalar_t>& p, scalar_t* out, at::opmath_type
 template <typename T>
 struct BackwardScratch {
   int64_t dh_p;
-  std::vector<T> qt, dot, q, dout, delta, lse, p, dp, dq, k, v, dk, dv;
-  std::vector<int64_t> index;
+  std::vector<T> qt, dot, q, dout, delta, lse, p, dp, dq, dk, dv;
+  KeyGather<T> keys;
   BackwardScratch(int64_t lk, int64_t dh, int64_t dh_p_, bool rows_fit)
       : dh_p(dh_p_), qt(dh * kQueryTile), dot(dh * kQueryTile), q(rows_fit ? 0 : kQueryTile * dh_p_),
         dout(rows_fit ? 0 : kQueryTile * dh_p_), delta(kQueryTile), lse(kQueryTile),
         p(std::min(kKeyBlock, lk) * kQueryTile), dp(std::min(kKeyBlock, lk) * kQueryTile), dq(kQueryTile * dh_p_),
-        k(lk * dh_p_), v(lk * dh_p_), dk(lk * dh_p_), dv(lk * dh_p_), index(lk) {}
+        dk(lk * dh_p_), dv(lk * dh_p_), keys(lk, dh_p_) {}
 };
 
 template <typename scalar_t, typename T>
@@ -673,16 +677,11 @@ void backward(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_t>& i
 
   at::parallel_for(0, parts, 1, [&](int64_t part0, int64_t part1) {
     BackwardScratch<T> w(p.lk, p.dh, dh_p, rows_in_place<scalar_t, T>(p.dh));
-    int64_t indexed_b = -1, count = 0;
     for (int64_t part = part0; part < part1; ++part) {
       const int64_t bh0 = p.kv_broadcast ? part * total / parts : part;
       const int64_t bh1 = p.kv_broadcast ? (part + 1) * total / parts : part + 1;
       for (int64_t bh = bh0; bh < bh1; ++bh) {
         const int64_t b = bh / p.heads, h = bh % p.heads;
-        if (b != indexed_b) {
-          count = attended_keys(mask_row(p, b), p.lk, w.index.data());
-          indexed_b = b;
-        }
         Prefetcher next;
         // The next (b, h) of this thread: within the part for a shared memory, the next part otherwise.
         if (bh + 1 < (p.kv_broadcast ? bh1 : part1)) {
@@ -692,7 +691,7 @@ void backward(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_t>& i
           next.add(io.grad_out + (bh + 1) * p.lq * p.dh, p.lq, row_bytes, row_bytes);
           next.add(io.out + (bh + 1) * p.lq * p.dh, p.lq, row_bytes, row_bytes);
         }
-        const KeyRows<T> kv = attended_rows(p, shared, b, h, dh_p, w.index.data(), count, w.k.data(), w.v.data());
+        const KeyRows<T> kv = w.keys.rows(p, shared, b, h);
         backward_head(p, io, kv, b, h, w, next);
         for (int which = 0; which < 2; ++which) {  // dK, dV of the attended keys into their rows
           scalar_t* grad = which == 0 ? io.grad_k : io.grad_v;
@@ -701,14 +700,14 @@ void backward(const AttentionProblem<scalar_t>& p, const BackwardIO<scalar_t>& i
           const T* src = (which == 0 ? w.dk : w.dv).data();
           if (p.kv_broadcast) {
             T* sum = (which == 0 ? partial_dk : partial_dv).data() + (part * p.heads + h) * head_size;
-            for (int64_t r = 0; r < count; ++r) {
-              T* dst = sum + w.index[r] * dh_p;
+            for (int64_t r = 0; r < kv.count; ++r) {
+              T* dst = sum + w.keys.index()[r] * dh_p;
               const T* row = src + r * dh_p;
 #pragma omp simd
               for (int64_t d = 0; d < dh_p; ++d) dst[d] += row[d];
             }
           } else {
-            scatter_rows(src, w.index.data(), count, p.lk, p.dh, dh_p, grad + bh * p.lk * p.dh, stream);
+            scatter_rows(src, w.keys.index(), kv.count, p.lk, p.dh, dh_p, grad + bh * p.lk * p.dh, stream);
           }
         }
       }

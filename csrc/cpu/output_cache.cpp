@@ -44,29 +44,25 @@ class OutputCache final : public c10::Allocator {
   OutputCache() : limit_(limit_from_environment()) {}
 
   c10::DataPtr allocate(size_t n) override {
-    void* ptr = nullptr;
-    size_t bytes = n;  // the block's real size (a reused one may be larger than asked for)
-    if (n >= kMinCachedBytes) {
+    if (n < kMinCachedBytes) return wrap(c10::alloc_cpu(n));
+    {
       std::lock_guard<std::mutex> lock(mutex_);
       // The smallest cached block that fits, if it wastes less than half of itself.
       auto it = free_.lower_bound(n);
       if (it != free_.end() && it->first < 2 * n) {
-        bytes = it->first;
-        ptr = it->second;
+        void* ptr = it->second;
+        live_[ptr] = Block{it->first, true};
+        cached_ -= static_cast<int64_t>(it->first);
         free_.erase(it);
-        cached_ -= static_cast<int64_t>(bytes);
         ++hits_;
-      } else {
-        ++misses_;
+        return wrap(ptr);
       }
+      ++misses_;
     }
-    const bool reused = ptr != nullptr;
-    if (!reused) ptr = c10::alloc_cpu(n);
-    if (n >= kMinCachedBytes) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      live_[ptr] = Block{bytes, reused};
-    }
-    return {ptr, ptr, &release, c10::Device(c10::DeviceType::CPU)};
+    void* ptr = c10::alloc_cpu(n);  // outside the lock: a fresh mapping
+    std::lock_guard<std::mutex> lock(mutex_);
+    live_[ptr] = Block{n, false};
+    return wrap(ptr);
   }
 
   c10::DeleterFnPtr raw_deleter() const override { return &release; }
@@ -115,6 +111,7 @@ class OutputCache final : public c10::Allocator {
 
  private:
   static void release(void* ptr) { instance().give_back(ptr); }
+  static c10::DataPtr wrap(void* ptr) { return {ptr, ptr, &release, c10::Device(c10::DeviceType::CPU)}; }
 
   void give_back(void* ptr) {
     {
