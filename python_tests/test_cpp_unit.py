@@ -1,7 +1,8 @@
 """Builds and runs the dependency-free C++ unit tests (csrc/tests/*.cpp, CMakeLists.txt at the repo
 root) through CMake + CTest, so `pytest` also covers the header-only math in csrc/include/oclear.
 
-Skipped only when `cmake` is not on PATH. The tests link no torch and build in a few seconds.
+A missing `cmake` fails the test. The tests link no torch and build in a few seconds; the emulated
+tensor-core attention test and its ThreadSanitizer build take ~35 s to run on two cores.
 """
 
 from __future__ import annotations
@@ -47,3 +48,5 @@ def test_cpp_unit_tests_pass(tmp_path: Path) -> None:
     assert summary is not None, "no CTest summary in the output\n" + _describe(proc)
     assert summary.group(1) == "100" and summary.group(2) == "0", summary.group(0)
     assert int(summary.group(3)) >= 1, "CTest ran no tests (csrc/tests/*.cpp not found?)"
+    # The race check of the tensor-core attention kernels (CMakeLists.txt, OCLEAR_TSAN_TEST) must have run.
+    assert re.search(r"test_concept_attention_tc_emulated_tsan \.+\s+Passed", out), "the ThreadSanitizer test did not pass"

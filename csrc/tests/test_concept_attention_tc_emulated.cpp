@@ -3,10 +3,19 @@
 // the op on the same 16-bit inputs: forward (out, lse), dq, dk, dv for bfloat16 and float16, per-batch
 // and shared memories, ragged query and key counts, random padding and a fully padded batch element.
 // It checks the kernels' indexing, tiling, shared-memory layout, masking and synchronisation structure
-// without a GPU; not their speed, nor what only hardware shows (real races, faults).
+// without a GPU; not their speed, nor what only hardware shows (faults, the hardware's own scheduling).
+// Three checks stand in for compute-sanitizer's: every block starts with shared memory full of NaN bytes
+// and the outputs start as NaN (as torch.empty and a previous kernel may leave them), so a value read
+// before it is written, or an output element never written, shows as a non-finite result (initcheck);
+// bytes past the kernel's own layout must still hold the poison after each block (an overrun, memcheck);
+// and the CTest variant built with -fsanitize=thread (--quick) reports any two emulated CUDA threads
+// that touch the same shared or global word without a __syncthreads / __syncwarp between them
+// (racecheck, synccheck's ordering half).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <limits>
 #include <memory>
 #include <random>
 #include <type_traits>
@@ -116,16 +125,37 @@ Reference reference(const Case& c, const std::vector<double>& q, const std::vect
   return r;
 }
 
-// max |got - want| / (max |want| + 1e-6): errors relative to the tensor's scale.
+// max |got - want| / (max |want| + 1e-6): errors relative to the tensor's scale; infinite where an
+// element is not finite (never written, or computed from poisoned shared memory).
 template <typename G>
 double relative_error(const std::vector<G>& got, const std::vector<double>& want) {
   double err = 0, scale = 1e-6;
   for (size_t i = 0; i < want.size(); ++i) {
     const double g = nvcuda::wmma::element(got[i]);
+    if (!std::isfinite(g)) return INFINITY;
     err = std::max(err, std::abs(g - want[i]));
     scale = std::max(scale, std::abs(want[i]));
   }
   return err / scale;
+}
+
+constexpr unsigned char kPoison = 0xFF;  // as 16- or 32-bit floats these bytes are NaN
+
+// cuda_emulation::launch with the shared memory poisoned before every block and, after it, checked
+// unchanged past the `bytes` the kernel's layout claims.
+bool launch_poisoned(const char* name, unsigned grid, size_t bytes, const std::function<void()>& kernel) {
+  bool overrun = false;
+  cuda_emulation::launch(
+      grid, tc::kThreads, kernel, [](unsigned) { std::memset(tc::smem, kPoison, sizeof tc::smem); },
+      [&](unsigned block) {
+        const auto* first = std::find_if(tc::smem + bytes, std::end(tc::smem), [](unsigned char c) { return c != kPoison; });
+        if (first != std::end(tc::smem) && !overrun) {
+          std::printf("%s block %u wrote shared memory byte %zu, past its layout's %zu bytes\n", name, block,
+                      size_t(first - tc::smem), bytes);
+          overrun = true;
+        }
+      });
+  return !overrun;
 }
 
 template <typename T, int kDh>
@@ -163,29 +193,33 @@ bool run_case(const Case& c, const char* dtype_name, std::mt19937& gen) {
   a.dtype = std::is_same_v<T, __nv_bfloat16> ? AttentionDtype::kBFloat16 : AttentionDtype::kFloat16;
 
   const tc::TcParams p = tc::make_params(a, dout.data());
-  std::vector<T> out(nq), dq(nq), dk(size_t(c.b) * c.h * c.lk * kDh), dv(dk.size());
-  std::vector<float> lse(nrow), delta(nrow), acc_k, acc_v;
+  // Outputs as the glue allocates them: uninitialised (NaN here), except the shared memory's float32
+  // accumulators, which it zeroes.
+  const T nan_t = to_t<T>(NAN);
+  std::vector<T> out(nq, nan_t), dq(nq, nan_t), dk(size_t(kb) * c.h * c.lk * kDh, nan_t), dv(dk.size(), nan_t);
+  std::vector<float> lse(nrow, NAN), delta(nrow, NAN), acc_k, acc_v;
   if (c.shared) {
     acc_k.assign(nk, 0.f);
     acc_v.assign(nk, 0.f);
-    dk.resize(nk);
-    dv.resize(nk);
   }
-  const size_t smem_needed = std::max(tc::query_layout(kDh, p.lkp, true).total, tc::key_layout(kDh).total);
-  if (smem_needed > sizeof(tc::smem)) {
-    std::printf("%s %d %d: shared memory %zu exceeds the emulation's buffer\n", dtype_name, c.lk, kDh, smem_needed);
+  const size_t forward_bytes = tc::query_layout(kDh, p.lkp, false).total;
+  const size_t dq_bytes = tc::query_layout(kDh, p.lkp, true).total, dkdv_bytes = tc::key_layout(kDh).total;
+  if (std::max(dq_bytes, dkdv_bytes) > sizeof(tc::smem)) {
+    std::printf("%s %d %d: shared memory %zu exceeds the emulation's buffer\n", dtype_name, c.lk, kDh,
+                std::max(dq_bytes, dkdv_bytes));
     return false;
   }
   const unsigned query_blocks = unsigned((c.lq + tc::kRows - 1) / tc::kRows * c.h * c.b);
-  cuda_emulation::launch(query_blocks, tc::kThreads,
-                         [&] { tc::forward_tc_kernel<T, kDh>(p, q.data(), k.data(), v.data(), out.data(), lse.data()); });
-  cuda_emulation::launch(query_blocks, tc::kThreads, [&] {
+  bool in_bounds = launch_poisoned("forward", query_blocks, forward_bytes, [&] {
+    tc::forward_tc_kernel<T, kDh>(p, q.data(), k.data(), v.data(), out.data(), lse.data());
+  });
+  in_bounds &= launch_poisoned("dq", query_blocks, dq_bytes, [&] {
     tc::dq_tc_kernel<T, kDh>(p, q.data(), k.data(), v.data(), dout.data(), out.data(), lse.data(), delta.data(),
                              dq.data());
   });
   const int64_t key_tiles = (c.lk + tc::kRows - 1) / tc::kRows;
   const int64_t chunks = c.shared ? std::min<int64_t>(c.b, 2) : c.b;  // two chunks: the atomic sum over blocks
-  cuda_emulation::launch(unsigned(key_tiles * c.h * chunks), tc::kThreads, [&] {
+  in_bounds &= launch_poisoned("dk/dv", unsigned(key_tiles * c.h * chunks), dkdv_bytes, [&] {
     tc::dkdv_tc_kernel<T, kDh>(p, chunks, q.data(), k.data(), v.data(), dout.data(), lse.data(), delta.data(), dk.data(),
                                dv.data(), acc_k.data(), acc_v.data());
   });
@@ -199,7 +233,7 @@ bool run_case(const Case& c, const char* dtype_name, std::mt19937& gen) {
   const Reference r = reference(c, widen(q), widen(k), widen(v), mask_bytes, widen(dout), scale);
   double lse_err = 0;
   for (size_t x = 0; x < nrow; ++x) {
-    if (std::isinf(r.lse[x]) != std::isinf(lse[x])) lse_err = INFINITY;
+    if (std::isnan(lse[x]) || std::isinf(r.lse[x]) != std::isinf(lse[x])) lse_err = INFINITY;
     else if (!std::isinf(r.lse[x])) lse_err = std::max(lse_err, std::abs(lse[x] - r.lse[x]));
   }
   bool empty_ok = true;  // batch element 0 has no keys: zero output and zero dq, exactly
@@ -212,7 +246,7 @@ bool run_case(const Case& c, const char* dtype_name, std::mt19937& gen) {
   const double tol = std::is_same_v<T, __nv_bfloat16> ? 3e-2 : 1e-2;
   const double errs[4] = {relative_error(out, r.out), relative_error(dq, r.dq), relative_error(dk, r.dk),
                           relative_error(dv, r.dv)};
-  const bool ok = empty_ok && lse_err < 1e-3 && errs[0] < tol && errs[1] < tol && errs[2] < tol && errs[3] < tol;
+  const bool ok = in_bounds && empty_ok && lse_err < 1e-3 && errs[0] < tol && errs[1] < tol && errs[2] < tol && errs[3] < tol;
   std::printf("%s B=%d H=%d Lq=%d Lk=%d Dh=%d %s: out %.2g dq %.2g dk %.2g dv %.2g lse %.2g empty rows %s -> %s\n",
               dtype_name, c.b, c.h, c.lq, c.lk, kDh, c.shared ? "shared" : "per-batch", errs[0], errs[1], errs[2],
               errs[3], lse_err, empty_ok ? "zero" : "NOT ZERO", ok ? "ok" : "FAILED");
@@ -221,11 +255,22 @@ bool run_case(const Case& c, const char* dtype_name, std::mt19937& gen) {
 
 }  // namespace
 
-int main() {
+// --quick: the first two cases only, for the ThreadSanitizer build (each emulated thread runs ~10x
+// slower there): per-batch and shared keys, ragged query and key tiles, warps without queries or keys,
+// and (the second) a dk/dv block that loops over two batch elements of two query stages each, so that
+// every barrier of every kernel orders something.
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  if (argc > 1 && !quick) {
+    std::fprintf(stderr, "usage: %s [--quick]\n", argv[0]);
+    return 2;
+  }
   std::mt19937 gen(7);
   bool ok = true;
-  const Case cases[] = {{3, 2, 1, 32, 64, false}, {3, 2, 33, 70, 64, false}, {3, 2, 70, 144, 64, true},
-                        {2, 2, 17, 100, 32, true}, {2, 1, 5, 3, 16, false}, {3, 1, 64, 65, 32, false}};
+  const std::vector<Case> all = {{3, 2, 33, 70, 64, false},  {3, 1, 70, 40, 32, true},  {3, 2, 1, 32, 64, false},
+                                 {3, 2, 70, 144, 64, true},  {2, 2, 17, 100, 32, true}, {2, 1, 5, 3, 16, false},
+                                 {3, 1, 64, 65, 32, false}};
+  const std::vector<Case> cases(all.begin(), quick ? all.begin() + 2 : all.end());
   for (const Case& c : cases) {
     switch (c.dh) {
       case 16:

@@ -4,7 +4,9 @@
 // __syncthreads, __syncwarp and warp shuffles are barriers (a kernel that reaches a barrier with part of
 // its block hangs here as on a GPU); WMMA fragments hold the whole 16 x 16 tile in every lane, so a
 // collective load / mma / store means the same as on the hardware, and the loads and stores check the
-// alignment and leading-dimension rules. What this cannot show: speed, real races, hardware faults.
+// alignment and leading-dimension rules. Because the threads are real and the barriers are mutexes, a
+// build with -fsanitize=thread reports two CUDA threads touching one word without a barrier between
+// them. What this cannot show: speed, hardware faults, the hardware's own instruction ordering.
 #pragma once
 
 #include <cassert>
@@ -70,9 +72,14 @@ inline thread_local Index thread_idx, block_idx;
 inline Block* current_block = nullptr;
 inline std::mutex atomic_mutex;
 
-// Runs kernel() for every thread of `grid` blocks of `threads` threads (a multiple of 32), block by block.
-inline void launch(unsigned grid, unsigned threads, const std::function<void()>& kernel) {
+// Runs kernel() for every thread of `grid` blocks of `threads` threads (a multiple of 32), block by block;
+// before_block(b) and after_block(b), when given, run on the calling thread around block b (the test
+// poisons and checks shared memory there).
+inline void launch(unsigned grid, unsigned threads, const std::function<void()>& kernel,
+                   const std::function<void(unsigned)>& before_block = {},
+                   const std::function<void(unsigned)>& after_block = {}) {
   for (unsigned b = 0; b < grid; ++b) {
+    if (before_block) before_block(b);
     Block block(static_cast<int>(threads));
     current_block = &block;
     std::vector<std::thread> pool;
@@ -85,6 +92,7 @@ inline void launch(unsigned grid, unsigned threads, const std::function<void()>&
     }
     for (auto& th : pool) th.join();
     current_block = nullptr;
+    if (after_block) after_block(b);
   }
 }
 
