@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from attention_cases import make_attention_inputs, output_and_grads
+from attention_cases import assert_shared_memory_not_expanded, make_attention_inputs, output_and_grads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -98,6 +98,10 @@ def test_broadcast_memory_equals_expanded_memory():
     torch.testing.assert_close(shared[1], expanded[1], rtol=0, atol=0)
     torch.testing.assert_close(shared[2], expanded[2].sum(0, keepdim=True), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(shared[3], expanded[3].sum(0, keepdim=True), rtol=1e-12, atol=1e-12)
+
+
+def test_broadcast_memory_is_never_expanded():
+    assert_shared_memory_not_expanded("cpu", torch.float32)
 
 
 def test_strided_inputs_and_explicit_scale():

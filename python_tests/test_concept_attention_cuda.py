@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attention_cases import make_attention_inputs, output_and_grads
+from attention_cases import assert_shared_memory_not_expanded, make_attention_inputs, output_and_grads
 from conftest import requires_cuda
 
 import oclear_ext
@@ -77,6 +77,12 @@ def test_tensor_core_path_partial_gradients_and_empty_rows(monkeypatch):
         oclear_ext.concept_attention(leaves["q"], leaves["k"], leaves["v"], mask).backward(grad_out)
         # Same kernels; a shared memory's dK, dV are summed with float32 atomics (order may differ).
         torch.testing.assert_close(leaves[wanted].grad, full["qkv".index(wanted) + 1])
+
+
+@pytest.mark.parametrize("tensor_cores", ["0", "1"])
+def test_cuda_broadcast_memory_is_never_expanded(monkeypatch, tensor_cores):
+    monkeypatch.setenv("OCLEAR_CUDA_ATTENTION_TC", tensor_cores)
+    assert_shared_memory_not_expanded("cuda", torch.bfloat16)
 
 
 def test_cuda_fully_padded_rows_and_float64_error():
