@@ -194,6 +194,14 @@ def plot(rows, path, title):
     common.save_figure(fig, path, title)
 
 
+def parse_shape(text: str) -> tuple[int, int, int, bool]:
+    """'B,Lq,Lk,shared|per-batch' -> (B, Lq, Lk, memory shared by the batch)."""
+    parts = text.split(",")
+    if len(parts) != 4 or parts[3] not in ("shared", "per-batch") or not all(p.isdigit() and int(p) > 0 for p in parts[:3]):
+        raise argparse.ArgumentTypeError(f"expected B,Lq,Lk,shared|per-batch with positive sizes, got {text!r}")
+    return int(parts[0]), int(parts[1]), int(parts[2]), parts[3] == "shared"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -202,6 +210,9 @@ def main(argv=None):
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--full", action="store_true", help="B in {256,1024,4096} x Lq {1,32} x Lk {32,64,256} x memory")
+    parser.add_argument("--shape", action="append", type=parse_shape, metavar="B,Lq,Lk,MEMORY",
+                        help="a shape to run instead of the default list (repeatable); MEMORY is shared or per-batch, "
+                             "e.g. --shape 4096,32,256,per-batch")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tag", default="")
     parser.add_argument("--out", default=common.RESULTS_DIR, help="folder for the JSON and PNG (default %(default)s)")
@@ -210,8 +221,10 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if args.full and args.shape:
+        parser.error("--full and --shape choose the shapes in two ways: give one of them")
     shapes = (list(itertools.product([256, 1024, 4096], [1, 32], [32, 64, 256], [False, True])) if args.full
-              else DEFAULT_SHAPES)
+              else args.shape or DEFAULT_SHAPES)
     env = common.environment(device)
     if device.type == "cpu":
         env["oclear_cpu_isa"] = torch.ops.oclear.concept_attention_cpu_isa()

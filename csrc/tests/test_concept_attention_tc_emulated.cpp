@@ -15,7 +15,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
-#include <limits>
 #include <memory>
 #include <random>
 #include <type_traits>
@@ -246,7 +245,8 @@ bool run_case(const Case& c, const char* dtype_name, std::mt19937& gen) {
   const double tol = std::is_same_v<T, __nv_bfloat16> ? 3e-2 : 1e-2;
   const double errs[4] = {relative_error(out, r.out), relative_error(dq, r.dq), relative_error(dk, r.dk),
                           relative_error(dv, r.dv)};
-  const bool ok = in_bounds && empty_ok && lse_err < 1e-3 && errs[0] < tol && errs[1] < tol && errs[2] < tol && errs[3] < tol;
+  const bool ok = in_bounds && empty_ok && lse_err < 1e-3 &&
+                  std::all_of(std::begin(errs), std::end(errs), [&](double e) { return e < tol; });
   std::printf("%s B=%d H=%d Lq=%d Lk=%d Dh=%d %s: out %.2g dq %.2g dk %.2g dv %.2g lse %.2g empty rows %s -> %s\n",
               dtype_name, c.b, c.h, c.lq, c.lk, kDh, c.shared ? "shared" : "per-batch", errs[0], errs[1], errs[2],
               errs[3], lse_err, empty_ok ? "zero" : "NOT ZERO", ok ? "ok" : "FAILED");
