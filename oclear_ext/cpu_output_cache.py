@@ -5,8 +5,10 @@ free, so each large output of every training step is page-faulted in again; on a
 ~22-30 ms per 128 MiB, at the concept-attention benchmark shape ~40% of the op's time. Like the CUDA
 caching allocator, the CPU concept-attention op (its out, lse and gradients) takes blocks of 1 MiB
 and more from a free list (the smallest cached block that fits and is less than twice the request: a
-training step asks for the same sizes every step), holding at most ``limit`` bytes: ``OCLEAR_CPU_OUTPUT_CACHE_MIB`` (default 1024; 0 turns
-caching off) or :func:`set_limit`. Tensors behave as any CPU tensor (resizable, shareable,
+training step asks for the same sizes every step), holding at most ``limit`` bytes:
+``OCLEAR_CPU_OUTPUT_CACHE_MIB`` (default 1024; 0 turns caching off) or :func:`set_limit`. A freed block
+that does not fit under the limit evicts the blocks cached longest ago, so that after a change of
+shapes the new sizes replace the old ones. Tensors behave as any CPU tensor (resizable, shareable,
 serialisable); only where their memory goes when freed differs.
 """
 

@@ -170,3 +170,32 @@ def test_a_block_twice_the_request_or_more_is_not_taken(cache):
     misses = cache.stats().misses
     out = oclear_ext.concept_attention(q, k, v)  # 1 MiB
     assert cache.stats().misses == misses + 1
+
+
+def test_a_block_that_does_not_fit_evicts_the_blocks_cached_longest_ago(cache):
+    q, k, v = attention_inputs()  # out: 1 MiB
+    bigger = [torch.cat([t, t, t[:2]]) for t in (q, k, v)]  # out: 2.25 MiB, too big for a 1 MiB request
+    cache.set_limit(out_bytes() * 7 // 2)
+    old = oclear_ext.concept_attention(*bigger)
+    new = oclear_ext.concept_attention(q, k, v)
+    del old, new  # cached: 2.25 MiB (earlier), then 1 MiB: 3.25 of 3.5 MiB
+    third = oclear_ext.concept_attention(q, k, v)  # takes the 1 MiB block
+    fourth = oclear_ext.concept_attention(q, k, v)  # a fresh 1 MiB block
+    del third, fourth  # the second one does not fit: the 2.25 MiB block, cached first, makes way
+    assert cache.stats().cached_bytes == 2 * out_bytes()
+    hits = cache.stats().hits
+    oclear_ext.concept_attention(*bigger)  # nothing left that fits it
+    assert cache.stats().hits == hits
+
+
+def test_new_sizes_replace_stale_ones_in_a_full_cache(cache):
+    q, k, v = attention_inputs()
+    cache.set_limit(2 * out_bytes())
+    outs = [oclear_ext.concept_attention(q, k, v) for _ in range(2)]
+    del outs  # two 1 MiB blocks: the cache is full of a size nothing asks for below
+    bigger = [torch.cat([t, t[:4]]) for t in (q, k, v)]  # out: 1.5 MiB
+    oclear_ext.concept_attention(*bigger)  # a miss; freed at once, it evicts both stale blocks
+    assert cache.stats().cached_bytes == out_bytes() * 3 // 2
+    hits = cache.stats().hits
+    oclear_ext.concept_attention(*bigger)
+    assert cache.stats().hits == hits + 1
