@@ -223,6 +223,8 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.full and args.shape:
         parser.error("--full and --shape choose the shapes in two ways: give one of them")
+    if args.shape and not args.tag:
+        parser.error("--shape needs a --tag, so that its results do not overwrite the default shapes' files")
     shapes = (list(itertools.product([256, 1024, 4096], [1, 32], [32, 64, 256], [False, True])) if args.full
               else args.shape or DEFAULT_SHAPES)
     env = common.environment(device)

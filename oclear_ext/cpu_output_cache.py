@@ -7,9 +7,11 @@ caching allocator, the CPU concept-attention op (its out, lse and gradients) tak
 and more from a free list (the smallest cached block that fits and is less than twice the request: a
 training step asks for the same sizes every step), holding at most ``limit`` bytes:
 ``OCLEAR_CPU_OUTPUT_CACHE_MIB`` (default 1024; 0 turns caching off) or :func:`set_limit`. A freed block
-that does not fit under the limit evicts the blocks cached longest ago, so that after a change of
-shapes the new sizes replace the old ones. Tensors behave as any CPU tensor (resizable, shareable,
-serialisable); only where their memory goes when freed differs.
+that does not fit under the limit evicts *stale* blocks, oldest first: those that have sat through more
+large requests than twice the longest wait after which a cached block was ever taken again, plus 8. So
+a steady loop whose outputs exceed the limit keeps the same blocks cached every step, and after a
+change of shapes the new sizes replace the old ones within a few steps. Tensors behave as any CPU
+tensor (resizable, shareable, serialisable); only where their memory goes when freed differs.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ def stats() -> CacheStats:
 
 
 def empty() -> None:
-    """Gives every cached block back to the system (tensors in use are untouched)."""
+    """Gives every cached block back to the system (tensors in use are untouched) and forgets how long
+    blocks waited for reuse (the eviction rule's history)."""
     torch.ops.oclear.cpu_output_cache_empty()
 
 

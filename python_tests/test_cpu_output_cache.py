@@ -172,30 +172,52 @@ def test_a_block_twice_the_request_or_more_is_not_taken(cache):
     assert cache.stats().misses == misses + 1
 
 
-def test_a_block_that_does_not_fit_evicts_the_blocks_cached_longest_ago(cache):
-    q, k, v = attention_inputs()  # out: 1 MiB
-    bigger = [torch.cat([t, t, t[:2]]) for t in (q, k, v)]  # out: 2.25 MiB, too big for a 1 MiB request
-    cache.set_limit(out_bytes() * 7 // 2)
-    old = oclear_ext.concept_attention(*bigger)
-    new = oclear_ext.concept_attention(q, k, v)
-    del old, new  # cached: 2.25 MiB (earlier), then 1 MiB: 3.25 of 3.5 MiB
-    third = oclear_ext.concept_attention(q, k, v)  # takes the 1 MiB block
-    fourth = oclear_ext.concept_attention(q, k, v)  # a fresh 1 MiB block
-    del third, fourth  # the second one does not fit: the 2.25 MiB block, cached first, makes way
-    assert cache.stats().cached_bytes == 2 * out_bytes()
-    hits = cache.stats().hits
-    oclear_ext.concept_attention(*bigger)  # nothing left that fits it
-    assert cache.stats().hits == hits
+def out_of_batch(n):
+    """out of a forward call with batch n: n / 8 MiB (SHAPE's batch is 8)."""
+    q, k, v = (torch.randn(n, *SHAPE[1:]) for _ in range(3))
+    return oclear_ext.concept_attention(q, k, v)
 
 
-def test_new_sizes_replace_stale_ones_in_a_full_cache(cache):
-    q, k, v = attention_inputs()
-    cache.set_limit(2 * out_bytes())
-    outs = [oclear_ext.concept_attention(q, k, v) for _ in range(2)]
-    del outs  # two 1 MiB blocks: the cache is full of a size nothing asks for below
-    bigger = [torch.cat([t, t[:4]]) for t in (q, k, v)]  # out: 1.5 MiB
-    oclear_ext.concept_attention(*bigger)  # a miss; freed at once, it evicts both stale blocks
-    assert cache.stats().cached_bytes == out_bytes() * 3 // 2
-    hits = cache.stats().hits
-    oclear_ext.concept_attention(*bigger)
-    assert cache.stats().hits == hits + 1
+MIB = 1 << 20
+# The eviction rule (csrc/cpu/output_cache.cpp): stale = waited more than 2 x the longest reuse wait
+# + 8 large requests; empty() (the fixture) resets the longest wait to 0, so a block is stale once 9
+# requests came after it was cached.
+STALE_AFTER = 9
+
+
+def test_a_steady_loop_larger_than_the_limit_keeps_its_cached_blocks(cache):
+    cache.set_limit(2 * MIB)
+    hits_per_step = []
+    for _ in range(5):  # per step: two 1 MiB outputs, then a 2 MiB one
+        hits = cache.stats().hits
+        p, q = out_of_batch(8), out_of_batch(8)
+        del p
+        r = out_of_batch(16)  # does not fit in the cached 1 MiB block
+        del q, r  # the 1 MiB blocks fill the cache; the 2 MiB block is not stale-evicting them
+        hits_per_step.append(cache.stats().hits - hits)
+    # Evicting by age alone would hit 0 of 3 per step (each free evicting what the next step asks first).
+    assert hits_per_step[1:] == [2, 2, 2, 2]
+
+
+def test_stale_blocks_make_way_for_new_sizes(cache):
+    cache.set_limit(2 * MIB)
+    outs = [out_of_batch(8) for _ in range(2)]
+    del outs  # two 1 MiB blocks fill the cache; nothing below asks for that size
+    for step in range(STALE_AFTER + 2):
+        hits = cache.stats().hits
+        out_of_batch(12)  # 1.5 MiB: a miss until it is cached, then a hit
+        if cache.stats().hits > hits:
+            break
+    assert step == STALE_AFTER, f"the 1.5 MiB block was first reused at step {step}"
+    assert cache.stats().cached_bytes == 3 * MIB // 2  # both old blocks evicted
+
+
+def test_stale_blocks_are_evicted_oldest_first(cache):
+    cache.set_limit(19 * MIB // 4)  # 4.75 MiB
+    a, b, d = out_of_batch(10), out_of_batch(8), out_of_batch(12)  # 1.25, 1 and 1.5 MiB
+    del a, b, d  # cached in that order: 3.75 MiB
+    for _ in range(STALE_AFTER):
+        out_of_batch(40)  # 5 MiB, above the limit: never cached, but the cached blocks age
+    c = out_of_batch(14)  # 1.75 MiB: no cached block fits
+    del c  # needs 0.75 MiB: the oldest stale block (1.25 MiB) goes, the 1 and 1.5 MiB ones stay
+    assert cache.stats().cached_bytes == (8 + 12 + 14) * MIB // 8  # not 4.0 (largest first) or 4.5 (smallest)

@@ -8,17 +8,24 @@
 // same reason. A request takes the smallest cached block that fits and is less than twice its size
 // (a training step asks for the same sizes every time; varying ones still find a block); the cache
 // holds at most `limit` bytes (OCLEAR_CPU_OUTPUT_CACHE_MIB, default 1024; 0 turns
-// it off) and oclear_ext.cpu_output_cache.empty() gives everything back. A freed block that does not
-// fit under the limit evicts the blocks cached longest ago until it does: after a change of shapes the
-// old sizes, which nothing asks for any more, make way for the new ones instead of holding the cache
-// (measured, 1024 x 32 x 256 shared-memory attention: 251 ms right after the per-batch shape as with a
-// clean cache; 330 ms in the --full benchmark grid, when stale blocks were kept).
+// it off) and oclear_ext.cpu_output_cache.empty() gives everything back.
+//
+// Eviction. A freed block that does not fit under the limit may evict *stale* blocks, oldest first:
+// blocks that have sat through more large requests than twice the longest wait after which any block
+// was ever taken again, plus kStaleSlack. In a steady loop every cached block is taken again within
+// one step's requests, so nothing is stale and a step whose outputs exceed the limit keeps the same
+// blocks cached every step (the freed surplus goes back to the system); evicting by age alone would
+// let each free evict the block the next request needs and miss every time. After a change of shapes
+// the old sizes go stale within a few steps and make way for the new ones, where keeping them forever
+// left later shapes on fresh pages (measured, 1024 x 32 x 256 shared-memory attention after larger
+// per-batch shapes: 330 ms with the old blocks kept, 251 ms as with a clean cache).
 #include "output_cache.h"
 
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <map>
@@ -33,6 +40,8 @@ namespace {
 // Below this glibc's heap reuses freed memory by itself (no fresh pages in steady state).
 constexpr size_t kMinCachedBytes = size_t{1} << 20;
 constexpr int64_t kDefaultLimitMib = 1024;
+// A block is stale after more than 2 x (the longest wait of any reused block) + kStaleSlack requests.
+constexpr uint64_t kStaleSlack = 8;
 
 int64_t limit_from_environment() {
   const char* text = std::getenv("OCLEAR_CPU_OUTPUT_CACHE_MIB");
@@ -52,10 +61,12 @@ class OutputCache final : public c10::Allocator {
     if (n < kMinCachedBytes) return wrap(c10::alloc_cpu(n));
     {
       std::lock_guard<std::mutex> lock(mutex_);
+      ++requests_;
       // The smallest cached block that fits, if it wastes less than half of itself.
       auto it = free_.lower_bound(n);
       if (it != free_.end() && it->first < 2 * n) {
         void* ptr = it->second.ptr;
+        longest_reuse_wait_ = std::max(longest_reuse_wait_, requests_ - it->second.cached_at);
         live_[ptr] = Block{it->first, true};
         cached_ -= static_cast<int64_t>(it->first);
         free_.erase(it);
@@ -97,13 +108,13 @@ class OutputCache final : public c10::Allocator {
     for (void* p : evicted) c10::free_cpu(p);
   }
 
+  // Frees every cached block and forgets how long blocks waited for reuse.
   void empty() {
     std::vector<void*> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      for (const auto& [size, block] : free_) evicted.push_back(block.ptr);
-      free_.clear();
-      cached_ = 0;
+      evict_oldest_until(0, evicted);
+      longest_reuse_wait_ = 0;
     }
     for (void* p : evicted) c10::free_cpu(p);
   }
@@ -128,25 +139,28 @@ class OutputCache final : public c10::Allocator {
         const auto n = static_cast<int64_t>(it->second.bytes);
         live_.erase(it);
         if (n <= limit_) {
-          evict_oldest_until(limit_ - n, evicted);
-          free_.emplace(static_cast<size_t>(n), FreeBlock{ptr, ++returned_});
-          cached_ += n;
-          cached = true;
+          evict_oldest_until(limit_ - n, evicted, /*stale_only=*/true);
+          if (cached_ + n <= limit_) {
+            free_.emplace(static_cast<size_t>(n), FreeBlock{ptr, requests_, ++returned_});
+            cached_ += n;
+            cached = true;
+          }
         }
       }
     }
     for (void* p : evicted) c10::free_cpu(p);
-    if (!cached) c10::free_cpu(ptr);  // small, or larger than the whole limit
+    if (!cached) c10::free_cpu(ptr);  // small, larger than the limit, or no stale block to make room
   }
 
-  // Evicts the blocks cached longest ago until at most `bytes` are cached. A linear scan: the cache
-  // holds a few dozen blocks at most (each >= 1 MiB, a step's outputs).
-  void evict_oldest_until(int64_t bytes, std::vector<void*>& evicted) {
+  // Evicts the blocks cached longest ago (only stale ones if stale_only) until at most `bytes` are
+  // cached. Linear scans: a step's outputs are a handful of blocks (at most limit / 1 MiB).
+  void evict_oldest_until(int64_t bytes, std::vector<void*>& evicted, bool stale_only = false) {
     while (cached_ > bytes) {
       auto oldest = free_.begin();
       for (auto it = free_.begin(); it != free_.end(); ++it) {
         if (it->second.order < oldest->second.order) oldest = it;
       }
+      if (stale_only && requests_ - oldest->second.cached_at <= 2 * longest_reuse_wait_ + kStaleSlack) return;
       cached_ -= static_cast<int64_t>(oldest->first);
       evicted.push_back(oldest->second.ptr);
       free_.erase(oldest);
@@ -159,13 +173,16 @@ class OutputCache final : public c10::Allocator {
   };
   struct FreeBlock {
     void* ptr;
-    uint64_t order;  // when it was cached (a count of blocks given back)
+    uint64_t cached_at;  // requests_ when it was cached (its wait is counted from there)
+    uint64_t order;      // returned_ when it was cached (which of the blocks freed together is older)
   };
   std::mutex mutex_;
   std::multimap<size_t, FreeBlock> free_;        // size -> cached block
   std::unordered_map<void*, Block> live_;        // large blocks handed out
   int64_t cached_ = 0, limit_, hits_ = 0, misses_ = 0;
-  uint64_t returned_ = 0;
+  uint64_t requests_ = 0;             // large allocations so far
+  uint64_t returned_ = 0;             // blocks cached so far
+  uint64_t longest_reuse_wait_ = 0;   // most requests a cached block sat through before it was taken
 };
 
 }  // namespace

@@ -23,7 +23,7 @@ struct OutputCacheStats {
 };
 
 OutputCacheStats output_cache_stats();
-// Frees every cached block.
+// Frees every cached block and forgets how long blocks waited for reuse (see the eviction rule).
 void output_cache_empty();
 // Sets the limit (bytes, >= 0; 0 turns caching off) and frees cached blocks above it.
 void output_cache_set_limit(int64_t bytes);

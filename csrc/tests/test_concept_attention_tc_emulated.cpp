@@ -8,9 +8,9 @@
 // and the outputs start as NaN (as torch.empty and a previous kernel may leave them), so a value read
 // before it is written, or an output element never written, shows as a non-finite result (initcheck);
 // bytes past the kernel's own layout must still hold the poison after each block (an overrun, memcheck);
-// and the CTest variant built with -fsanitize=thread (--quick) reports any two emulated CUDA threads
-// that touch the same shared or global word without a __syncthreads / __syncwarp between them
-// (racecheck, synccheck's ordering half).
+// and the CTest variant built with -fsanitize=thread (--quick) reports any two emulated CUDA threads of
+// one block that touch the same shared or global word without a __syncthreads / __syncwarp between
+// them (racecheck within a block; blocks run one after another here).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>

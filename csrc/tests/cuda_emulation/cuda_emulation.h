@@ -5,8 +5,9 @@
 // its block hangs here as on a GPU); WMMA fragments hold the whole 16 x 16 tile in every lane, so a
 // collective load / mma / store means the same as on the hardware, and the loads and stores check the
 // alignment and leading-dimension rules. Because the threads are real and the barriers are mutexes, a
-// build with -fsanitize=thread reports two CUDA threads touching one word without a barrier between
-// them. What this cannot show: speed, hardware faults, the hardware's own instruction ordering.
+// build with -fsanitize=thread reports two CUDA threads of one block touching one word without a
+// barrier between them (blocks run one after another, so races between blocks cannot show). What this
+// cannot show: speed, hardware faults, the hardware's own instruction ordering.
 #pragma once
 
 #include <cassert>
@@ -70,7 +71,6 @@ struct Block {
 
 inline thread_local Index thread_idx, block_idx;
 inline Block* current_block = nullptr;
-inline std::mutex atomic_mutex;
 
 // Runs kernel() for every thread of `grid` blocks of `threads` threads (a multiple of 32), block by block;
 // before_block(b) and after_block(b), when given, run on the calling thread around block b (the test
@@ -116,10 +116,18 @@ inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
   return other;
 }
 
+// A relaxed compare-and-swap loop, as the hardware's atomic is unordered: a mutex here would order the
+// threads that take it, and ThreadSanitizer would then miss races around the atomics.
 inline float atomicAdd(float* address, float value) {
-  std::lock_guard<std::mutex> lock(cuda_emulation::atomic_mutex);
-  const float old = *address;
-  *address = old + value;
+  static_assert(sizeof(float) == sizeof(std::uint32_t));
+  auto* bits = reinterpret_cast<std::uint32_t*>(address);
+  std::uint32_t expected = __atomic_load_n(bits, __ATOMIC_RELAXED), desired;
+  float old;
+  do {
+    std::memcpy(&old, &expected, sizeof old);
+    const float sum = old + value;
+    std::memcpy(&desired, &sum, sizeof desired);
+  } while (!__atomic_compare_exchange_n(bits, &expected, desired, /*weak=*/true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
   return old;
 }
 
