@@ -8,9 +8,10 @@ and more from a free list (the smallest cached block that fits and is less than 
 training step asks for the same sizes every step), holding at most ``limit`` bytes:
 ``OCLEAR_CPU_OUTPUT_CACHE_MIB`` (default 1024; 0 turns caching off) or :func:`set_limit`. A freed block
 that does not fit under the limit evicts *stale* blocks, oldest first: those that have sat through more
-large requests than twice the longest wait after which a cached block was ever taken again, plus 8. So
-a steady loop whose outputs exceed the limit keeps the same blocks cached every step, and after a
-change of shapes the new sizes replace the old ones within a few steps. Tensors behave as any CPU
+large requests than twice the longest wait after which a cached block was ever taken again, plus 8;
+then, if still needed, smaller blocks, largest first, when that leaves more bytes cached. So a steady
+loop whose outputs exceed the limit keeps its largest blocks cached every step, and after a change of
+shapes the new sizes replace the old ones within a few steps. Tensors behave as any CPU
 tensor (resizable, shareable, serialisable); only where their memory goes when freed differs.
 """
 

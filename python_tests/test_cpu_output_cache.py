@@ -221,3 +221,14 @@ def test_stale_blocks_are_evicted_oldest_first(cache):
     c = out_of_batch(14)  # 1.75 MiB: no cached block fits
     del c  # needs 0.75 MiB: the oldest stale block (1.25 MiB) goes, the 1 and 1.5 MiB ones stay
     assert cache.stats().cached_bytes == (8 + 12 + 14) * MIB // 8  # not 4.0 (largest first) or 4.5 (smallest)
+
+
+def test_a_larger_block_replaces_smaller_ones_when_that_caches_more(cache):
+    cache.set_limit(3 * MIB)
+    a, b = out_of_batch(8), out_of_batch(12)
+    del a, b  # 1 and 1.5 MiB cached, neither stale
+    out_of_batch(16)  # 2 MiB: a miss; freed, it takes the 1.5 MiB block's place (2.5 -> 3 MiB cached)
+    assert cache.stats().cached_bytes == 3 * MIB
+    hits = cache.stats().hits
+    out_of_batch(16)
+    assert cache.stats().hits == hits + 1
