@@ -25,17 +25,24 @@ def decode_image(path: str, size: int | tuple[int, int] | None, background: tupl
     from PIL import Image
 
     with Image.open(path) as im:
-        if im.mode in ("RGBA", "LA", "P") or "transparency" in im.info:
-            rgba = im.convert("RGBA")
-            im = Image.new("RGB", rgba.size, background)
-            im.paste(rgba, mask=rgba.getchannel("A"))
-        else:
-            im = im.convert("RGB")
-        if size is not None:
-            h, w = (size, size) if isinstance(size, int) else size
-            if im.size != (w, h):
-                im = im.resize((w, h), Image.BILINEAR, reducing_gap=None)
-        array = np.asarray(im, dtype=np.uint8)
+        return pil_to_tensor(im, size, background)
+
+
+def pil_to_tensor(im, size: int | tuple[int, int] | None, background: tuple[int, int, int] = (255, 255, 255)) -> torch.Tensor:
+    """A PIL image -> (3, H, W) float32 in [0, 1], exactly as decode_image does for a file."""
+    from PIL import Image
+
+    if im.mode in ("RGBA", "LA", "P") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        im = Image.new("RGB", rgba.size, background)
+        im.paste(rgba, mask=rgba.getchannel("A"))
+    else:
+        im = im.convert("RGB")
+    if size is not None:
+        h, w = (size, size) if isinstance(size, int) else size
+        if im.size != (w, h):
+            im = im.resize((w, h), Image.BILINEAR, reducing_gap=None)
+    array = np.asarray(im, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
