@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from cli_helpers import assert_cli_error
 
 from oclear_ext.data import load_manifest
 from oclear_ext.eval import EmbeddingFunction, PixelEmbedding, embed_manifest, load_embedder
@@ -57,14 +58,14 @@ def test_embeddings_in_from_npy_and_pt(manifest, tmp_path, capsys):
     assert "R@1" in printed and "mAP@10" in printed and "0.5000" in printed
 
 
-def test_embedding_count_must_match_the_manifest(manifest, tmp_path):
+def test_embedding_count_must_match_the_manifest(manifest, tmp_path, capsys):
     np.save(tmp_path / "q.npy", one_hot(np.arange(5)))
     np.save(tmp_path / "d.npy", one_hot(np.arange(N_CLASSES)))
-    with pytest.raises(SystemExit, match="5 query / 12 doc embeddings, but the manifest has 12 query rows"):
-        main(["--manifest", str(manifest), "--query-emb", str(tmp_path / "q.npy"), "--doc-emb", str(tmp_path / "d.npy"),
-              "--out", str(tmp_path / "o")])
-    with pytest.raises(SystemExit, match="give both --query-emb and --doc-emb"):
-        main(["--manifest", str(manifest), "--query-emb", str(tmp_path / "q.npy"), "--out", str(tmp_path / "o")])
+    common = ["--manifest", str(manifest), "--out", str(tmp_path / "o")]
+    assert_cli_error(capsys, main, [*common, "--query-emb", str(tmp_path / "q.npy"), "--doc-emb", str(tmp_path / "d.npy")],
+                     "oclear-eval", "5 query / 12 doc embeddings, but the manifest has 12 query rows")
+    assert_cli_error(capsys, main, [*common, "--query-emb", str(tmp_path / "q.npy")], "oclear-eval",
+                     "give both --query-emb and --doc-emb")
 
 
 PLUGIN = '''
@@ -112,7 +113,7 @@ def test_embedder_spec_errors():
         load_embedder("builtins:object")
 
 
-def test_doc_to_doc_retrieval_never_returns_the_query_itself(manifest, tmp_path):
+def test_doc_to_doc_retrieval_never_returns_the_query_itself(manifest, tmp_path, capsys):
     # Two identical-looking docs per class: each must find its twin, never itself (which scores the same).
     rows = []
     for c in range(6):
@@ -130,8 +131,8 @@ def test_doc_to_doc_retrieval_never_returns_the_query_itself(manifest, tmp_path)
         assert row["n_relevant"] == 1
     # One doc per class: with the self-match excluded nothing is relevant, and evaluation says so
     # instead of scoring self-matches as hits.
-    with pytest.raises(ValueError, match="no query has a relevant doc"):
-        main(["--manifest", str(manifest), "--query-role", "doc", "--out", str(tmp_path / "o2"), "--grid-queries", "0"])
+    assert_cli_error(capsys, main, ["--manifest", str(manifest), "--query-role", "doc", "--out", str(tmp_path / "o2"),
+                                    "--grid-queries", "0"], "oclear-eval", "no query has a relevant doc")
 
 
 def test_builtin_emoji_baseline_runs_and_beats_chance(tmp_path, capsys):

@@ -3,7 +3,8 @@
 Data: --manifest M (your own), or nothing: the built-in emoji evaluation protocol (held-out classes,
 twitter images as queries, google image + text as documents; --builtin-split all for every class).
 Embeddings: --query-emb Q --doc-emb D (.npy / .pt, rows in manifest order of the query rows and the doc
-rows), or an embedding function: --embedder pixels (baseline) | package.module:factory [--checkpoint P].
+rows), a trained model: --checkpoint RUN_DIR (an oclear-train run folder, its latest checkpoint, or one
+checkpoint folder), or an embedding function: --embedder pixels (baseline) | package.module:factory [--checkpoint P].
 Writes OUT/metrics.json, OUT/per_query.jsonl, OUT/grid.png and prints the table.
 """
 
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ..cli_errors import run_cli
 from ..data.manifest import load_manifest
 from .embedders import embed_manifest, load_embedder, load_embeddings
 from .evaluate import evaluate, format_table
@@ -51,8 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     emb = p.add_argument_group("embeddings")
     emb.add_argument("--query-emb", help="precomputed query embeddings (.npy / .pt)")
     emb.add_argument("--doc-emb", help="precomputed doc embeddings (.npy / .pt)")
-    emb.add_argument("--embedder", default="pixels", help="'pixels' or package.module:factory (default pixels)")
-    emb.add_argument("--checkpoint", help="passed to the embedder factory as checkpoint=")
+    emb.add_argument("--embedder", help="'pixels' or package.module:factory (default: the trained model of "
+                                        "--checkpoint if one is given, else pixels)")
+    emb.add_argument("--checkpoint", help="an oclear-train run folder (its latest checkpoint) or checkpoint folder: "
+                                          "evaluates that model; with --embedder, passed to its factory as checkpoint=")
+    emb.add_argument("--device", default="cpu", help="device of the trained model (default cpu)")
     emb.add_argument("--batch-size", type=int, default=256)
     idx = p.add_argument_group("index")
     idx.add_argument("--index", default="exact", choices=("exact", "ivf", "hnsw"))
@@ -83,16 +88,23 @@ def run(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         if args.query_emb or args.doc_emb:
             if not (args.query_emb and args.doc_emb):
-                raise SystemExit("oclear-eval: give both --query-emb and --doc-emb")
+                raise ValueError("give both --query-emb and --doc-emb")
             q, d = load_embeddings(args.query_emb), load_embeddings(args.doc_emb)
             if len(q) != len(queries) or len(d) != len(docs):
-                raise SystemExit(f"oclear-eval: {len(q)} query / {len(d)} doc embeddings, but the manifest has "
+                raise ValueError(f"{len(q)} query / {len(d)} doc embeddings, but the manifest has "
                                  f"{len(queries)} {args.query_role} rows / {len(docs)} doc rows")
             source = f"embeddings {args.query_emb}, {args.doc_emb}"
         else:
-            fn = load_embedder(args.embedder, args.checkpoint)
+            if args.embedder is None and args.checkpoint:
+                from ..search.load_model import load_model
+
+                fn = load_model(args.checkpoint, device=args.device)
+                source = f"model {fn.oclear_identity.checkpoint}"
+            else:
+                spec = args.embedder or "pixels"
+                fn = load_embedder(spec, args.checkpoint)
+                source = f"embedder {spec}" + (f" ({args.checkpoint})" if args.checkpoint else "")
             q, d = embed_manifest(manifest, fn, batch_size=args.batch_size, query_role=args.query_role)
-            source = f"embedder {args.embedder}" + (f" ({args.checkpoint})" if args.checkpoint else "")
         t_embed = time.perf_counter() - t0
         keys = (None, None)
         if args.query_role == "doc":  # the same rows on both sides: a doc must not find itself
@@ -120,7 +132,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run(build_parser().parse_args(argv))
+    run_cli(lambda a: run(build_parser().parse_args(a)), argv, "oclear-eval")
 
 
 if __name__ == "__main__":
