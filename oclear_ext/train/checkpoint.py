@@ -43,6 +43,17 @@ def _split_row_state(state: dict, rows: int) -> tuple[dict, dict]:
     return row, other
 
 
+def _classifier_param(classifier, classifier_optimizer) -> Tensor:
+    """The classifier's weight, checked to be the one parameter its optimizer holds: the checkpoint stores
+    that parameter's per-row state sharded by class, and every other optimizer state whole."""
+    params = [p for group in classifier_optimizer.param_groups for p in group["params"]]
+    if len(params) != 1 or params[0] is not classifier.weight:
+        raise ValueError(f"checkpoint: the classifier optimizer must hold exactly the classifier weight "
+                         f"(its per-row state is saved sharded by class), got {len(params)} parameter(s)"
+                         + ("" if len(params) != 1 else " that is not classifier.weight"))
+    return classifier.weight
+
+
 def rng_state(generators: dict[str, torch.Generator]) -> dict:
     out = {"torch": torch.get_rng_state(), "generators": {k: g.get_state() for k, g in generators.items()}}
     if torch.cuda.is_available():
@@ -69,7 +80,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model, classifier, optimi
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    weight = classifier.weight
+    weight = _classifier_param(classifier, classifier_optimizer)
     row_state, other_state = _split_row_state(classifier_optimizer.state.get(weight, {}), weight.shape[0])
     rows = {"weight": weight.detach(), **{f"optim.{k}": v for k, v in row_state.items()}}
     save_sharded(str(tmp / "classifier"), rows, classifier.shard, classifier.num_classes)
@@ -113,7 +124,9 @@ def load_checkpoint(path: str | Path, *, model, classifier, optimizer, classifie
     that must equal the checkpoint's (a different optimizer cannot take over another's state)."""
     folder = latest_checkpoint(path)
     _, rank = world_and_rank()
-    state = torch.load(folder / "state.pt", map_location=device, weights_only=False)
+    weight = _classifier_param(classifier, classifier_optimizer)
+    # weights_only: a checkpoint holds tensors, numbers, strings and containers only; loading runs no pickled code
+    state = torch.load(folder / "state.pt", map_location=device, weights_only=True)
     for key, value in (same or {}).items():
         saved = state["config"].get(key)
         if saved != value:
@@ -125,7 +138,7 @@ def load_checkpoint(path: str | Path, *, model, classifier, optimizer, classifie
         scheduler.load_state_dict(saved)
     rows = load_sharded(str(folder / "classifier"), classifier.shard, classifier.num_classes)
     with torch.no_grad():
-        classifier.weight.copy_(rows.pop("weight"))
+        weight.copy_(rows.pop("weight"))
     saved_opt = state["classifier_optimizer"]
     param_state = dict(saved_opt["state"])
     param_state.update({k.removeprefix("optim."): v.to(device) for k, v in rows.items()})
@@ -133,5 +146,5 @@ def load_checkpoint(path: str | Path, *, model, classifier, optimizer, classifie
                                           "param_groups": saved_opt["param_groups"]})
     rank_file = folder / f"rank-{rank}.pt"
     if rank_file.is_file():
-        set_rng_state(torch.load(rank_file, weights_only=False), generators)
+        set_rng_state(torch.load(rank_file, weights_only=True), generators)
     return state["position"]
