@@ -13,16 +13,38 @@ Public API:
     oclear_ext.cpu_output_cache         the bounded cache of the CPU ops' large outputs (stats, empty, set_limit)
 """
 
-from ._extension import load_extension
-
-build_info = load_extension()
-
-from . import cpu_output_cache, distributed, nn, optim, reference  # noqa: E402
-from ._ops.class_topk import hardest_classes  # noqa: E402
-from ._ops.concept_attention import concept_attention  # noqa: E402
-from ._ops.margin_softmax import margin_softmax_loss  # noqa: E402
-from ._ops.negatives import RandomNegatives, TopKNegatives  # noqa: E402
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+# The compiled kernels load on first use, not at `import oclear_ext`: the pure-Python layers (data, eval and
+# their console scripts) work without a build, or with a build made for another torch, and the first use of an
+# op (or of a module built on the ops) raises the readable build error of oclear_ext._extension.
+_LAZY_NAMES = {
+    "margin_softmax_loss": "._ops.margin_softmax",
+    "concept_attention": "._ops.concept_attention",
+    "hardest_classes": "._ops.class_topk",
+    "RandomNegatives": "._ops.negatives",
+    "TopKNegatives": "._ops.negatives",
+    "build_info": "._ops",
+}
+_SUBMODULES = ("nn", "optim", "distributed", "reference", "cpu_output_cache", "data", "eval", "models", "search", "train")
+
 __all__ = ["margin_softmax_loss", "concept_attention", "hardest_classes", "RandomNegatives", "TopKNegatives", "nn", "optim",
            "distributed", "reference", "cpu_output_cache", "build_info"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_NAMES:
+        value = getattr(importlib.import_module(_LAZY_NAMES[name], __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'oclear_ext' has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_NAMES, *_SUBMODULES})

@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import _ops  # noqa: F401  (loads the kernels whose cache this module controls)
+
 
 class CacheStats(NamedTuple):
     cached_bytes: int  # held, free for reuse

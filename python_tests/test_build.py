@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import oclear_ext  # noqa: F401  (registers torch.ops.oclear.*)
+import oclear_ext._ops  # noqa: F401  (loads the kernels: registers torch.ops.oclear.*)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenMP is enabled for Linux builds only")
