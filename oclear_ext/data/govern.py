@@ -403,6 +403,12 @@ OPTION_HELP = {
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from ..cli_errors import run_cli
+
+    run_cli(_main, argv, "oclear-govern")
+
+
+def _main(argv: Sequence[str] | None) -> None:
     parser = argparse.ArgumentParser(
         prog="oclear-govern", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Turn interaction logs into clean classes and a manifest.", epilog=__doc__)

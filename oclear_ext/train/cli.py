@@ -6,6 +6,7 @@ import json
 
 import torch.distributed as dist
 
+from ..cli_errors import run_cli
 from ..distributed.sharded_softmax import world_and_rank
 from .config import parse_args
 from .trainer import train
@@ -15,6 +16,10 @@ EXAMPLE = ("example: torchrun --nproc_per_node 2 -m oclear_ext.train --train-man
 
 
 def main(argv: list[str] | None = None) -> None:
+    run_cli(_main, argv, "oclear-train")
+
+
+def _main(argv: list[str] | None) -> None:
     config = parse_args(argv, description=f"{__doc__}\n{EXAMPLE}")
     try:
         summary = train(config)

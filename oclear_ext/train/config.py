@@ -49,6 +49,8 @@ class TrainConfig:
     warmup_steps: int = 50
     grad_clip: float | None = 5.0           # max global norm of the model's (not the classifier's) gradients
     weighted_sampling: bool = False         # draw rows by the manifest's "weight" (oclear-govern's long-tail weights)
+    skip_bad_images: bool = False           # images that cannot be decoded: False = stop before training, naming
+                                            # every bad line; True = train without those rows (a counted warning)
     # run
     seed: int = 0
     device: str = "auto"                    # auto | cpu | cuda
@@ -113,8 +115,13 @@ class TrainConfig:
     def load(cls, path: str | Path) -> "TrainConfig":
         """From a TOML file (any subset of the fields) or a saved config.json."""
         path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config: no file at {path}")
         text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        try:
+            data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        except ValueError as err:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
+            raise ValueError(f"config {path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({err})") from None
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"config {path}: unknown keys {unknown}")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli_errors import run_cli
 from ..eval.cli import run_info
 from ..eval.report import draw_grid
 from ..models import ModelConfig, OclearModel
@@ -148,7 +149,7 @@ def run(argv: list[str] | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     """The oclear-demo console script (returns None: a console script's return value becomes its exit status)."""
-    run(argv)
+    run_cli(run, argv, "oclear-demo")
 
 
 if __name__ == "__main__":

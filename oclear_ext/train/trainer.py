@@ -23,6 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import RandomNegatives, TopKNegatives
 from ..data.dataset import ManifestDataset, collate
+from ..data.image_check import check_manifest_images
+from ..data.manifest import load_manifest
 from ..distributed import ddp_sum_gradients
 from ..distributed.sharded_softmax import world_and_rank
 from ..models import ModelConfig, OclearModel
@@ -162,6 +164,10 @@ def train(config: TrainConfig) -> dict:
     torch.manual_seed(config.seed)  # the same model init on every rank (DDP also broadcasts it)
 
     train_manifest = resolve_manifest(config.train_manifest, "train", out / "data", rank)
+    # Every image decoded before the first step, so that a corrupt file stops the run here, not mid-epoch
+    # (rank 0 keeps a cache of the files found good, for resumes and later runs).
+    train_manifest = check_manifest_images(load_manifest(train_manifest), config.skip_bad_images,
+                                           out / "image_check.json" if rank == 0 else None)
     dataset = ManifestDataset(train_manifest, image_size=config.image_size, seed=config.seed)
     if rank == 0:
         dataset.class_index.save(out / "classes.json")
