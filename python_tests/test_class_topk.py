@@ -77,7 +77,7 @@ def test_low_precision_selects_classes_as_hard_as_the_reference(dtype):
         (dict(k=3, exclude=torch.tensor([20])), IndexError, r"exclude\[0\] = 20 is not a class id in \[0, 20\)"),
         (dict(k=3, exclude=torch.tensor([-100])), IndexError, r"is not a class id"),
         (dict(k=3, exclude=torch.tensor([1.0])), TypeError, r"exclude must be a 1-D int64 tensor"),
-        (dict(k=3, w=torch.randn(20, 4, dtype=torch.float64)), TypeError, r"same dtype"),
+        (dict(k=3, w=torch.randn(20, 4, dtype=torch.float64)), TypeError, r"weight must have the embeddings. dtype"),
         (dict(k=3, w=torch.randn(20, 5)), ValueError, r"weight must have shape \(C, D\) with the embeddings' D = 4"),
         (dict(k=3, x=torch.randn(0, 4)), ValueError, r"at least one embedding row"),
         (dict(k=3, x=torch.randint(0, 3, (2, 4))), TypeError, r"embeddings must be float32"),

@@ -24,7 +24,7 @@ def call(x=None, w=None, labels=None, **kwargs):
     "kwargs, error, match",
     [
         (dict(x=torch.randint(0, 5, (4, 8))), TypeError, r"embeddings must be float32, float64, bfloat16 or float16, got Long"),
-        (dict(w=torch.randn(10, 8, dtype=torch.float64)), TypeError, r"weight and embeddings must have the same dtype"),
+        (dict(w=torch.randn(10, 8, dtype=torch.float64)), TypeError, r"weight must have the embeddings. dtype, or be float32 beside 16-bit embeddings, got weight Double"),
         (dict(x=torch.randn(8)), ValueError, r"embeddings must be a 2-D tensor, got shape \[8\]"),
         (dict(x=torch.randn(4, 2, 8)), ValueError, r"embeddings must be a 2-D tensor"),
         (dict(w=torch.randn(10, 7)), ValueError, r"weight must have shape \(num_classes, D\) with the embeddings' D = 8, got weight shape \[10, 7\]"),

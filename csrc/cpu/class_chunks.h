@@ -36,8 +36,18 @@ inline Normalized normalize_rows(const at::Tensor& x, at::ScalarType acc) {
   return {xa * inv.unsqueeze(1), inv};
 }
 
-// The weight rows [c0, c0 + t) in the accumulation dtype: a view when no conversion is needed,
-// else a copy into `buffer`.
+// The weight's dtype is the embeddings', or float32 beside 16-bit embeddings: the fp32-master-classifier
+// convention of mixed precision (what autocast hands the op). The op then computes what it would on
+// weight.to(embeddings.dtype), one chunk of classes at a time (never a 16-bit copy of the whole C x D
+// weight), and the weight's gradient, float32, is the gradient at those rounded rows (a cast's
+// backward is the identity).
+inline bool compatible_weight_dtype(at::ScalarType x, at::ScalarType w) {
+  return w == x || (w == at::kFloat && (x == at::kBFloat16 || x == at::kHalf));
+}
+
+// The weight rows [c0, c0 + t) in the accumulation dtype, as the embeddings' dtype rounds them: a view
+// when no conversion is needed, else a copy into `buffer` (a float32 weight beside 16-bit embeddings
+// is rounded to their dtype first, chunk by chunk).
 template <typename scalar_t, typename acc_t>
 inline at::Tensor weight_chunk(const at::Tensor& weight, int64_t c0, int64_t t, at::Tensor& buffer) {
   const at::Tensor rows = weight.narrow(0, c0, t);
@@ -45,7 +55,8 @@ inline at::Tensor weight_chunk(const at::Tensor& weight, int64_t c0, int64_t t, 
     return rows;
   }
   at::Tensor out = buffer.narrow(0, 0, t);
-  out.copy_(rows);
+  constexpr at::ScalarType x_type = c10::CppTypeToScalarType<scalar_t>::value;
+  out.copy_(rows.scalar_type() == x_type ? rows : rows.to(x_type));
   return out;
 }
 

@@ -157,8 +157,13 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward(
           if (need_grad_weight) {
             at::Tensor e = e_buffer.narrow(0, 0, t);
             at::mm_out(e, b.t(), xn.x_hat);
-            project_weight_grad(e.data_ptr<acc_t>(), wt.data_ptr<acc_t>(), w_inv_ptr + c0, t, d,
-                                grad_weight.data_ptr<scalar_t>() + c0 * d);
+            if (grad_weight.scalar_type() == embeddings.scalar_type()) {
+              project_weight_grad(e.data_ptr<acc_t>(), wt.data_ptr<acc_t>(), w_inv_ptr + c0, t, d,
+                                  grad_weight.data_ptr<scalar_t>() + c0 * d);
+            } else {  // a float32 weight beside 16-bit embeddings: its gradient stays float32
+              project_weight_grad(e.data_ptr<acc_t>(), wt.data_ptr<acc_t>(), w_inv_ptr + c0, t, d,
+                                  grad_weight.data_ptr<float>() + c0 * d);
+            }
           }
         }
       });

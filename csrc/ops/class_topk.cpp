@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "../cpu/class_chunks.h"
 #include "../cpu/class_topk.h"
 #include "class_topk_checks.h"
 
@@ -24,9 +25,9 @@ void check_class_topk(const at::Tensor& embeddings, const at::Tensor& weight, co
                       int64_t k) {
   check_float_matrix(embeddings, "embeddings");
   check_float_matrix(weight, "weight");
-  TORCH_CHECK_TYPE(weight.scalar_type() == embeddings.scalar_type(), kOp,
-                   "weight and embeddings must have the same dtype, got weight ", weight.scalar_type(),
-                   " and embeddings ", embeddings.scalar_type());
+  TORCH_CHECK_TYPE(cpu::compatible_weight_dtype(embeddings.scalar_type(), weight.scalar_type()), kOp,
+                   "weight must have the embeddings' dtype, or be float32 beside 16-bit embeddings, got weight ",
+                   weight.scalar_type(), " and embeddings ", embeddings.scalar_type());
   TORCH_CHECK_VALUE(embeddings.size(0) >= 1, kOp, "needs at least one embedding row to score classes against");
   TORCH_CHECK_VALUE(embeddings.size(1) >= 1 && weight.size(1) == embeddings.size(1), kOp,
                     "weight must have shape (C, D) with the embeddings' D = ", embeddings.size(1),

@@ -79,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> class_topk_cuda(const at::Tensor& embeddings,
 
   for (int64_t c0 = 0; c0 < c; c0 += chunk) {
     const int64_t t = std::min(chunk, c - c0);
-    const at::Tensor wt = weight.narrow(0, c0, t);
+    const at::Tensor wt = operand_chunk(weight, c0, t, embeddings.scalar_type());  // float32 W: rounded per chunk
     const at::Tensor w_inv = inverse_norms(wt, acc, stream, kOp);
     at::Tensor s = scores.narrow(0, 0, n * t).view({n, t});
     mm_into(s, xn.x_hat, wt.t());

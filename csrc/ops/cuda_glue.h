@@ -111,4 +111,18 @@ inline at::Tensor inverse_norms(const at::Tensor& w, at::ScalarType acc, cudaStr
   return inv;
 }
 
+// 1 / max(|w_c|, 1e-12) of the rows of w written into inv (a slice of a longer vector, contiguous).
+inline void inverse_norms_into(const at::Tensor& w, const at::Tensor& inv, cudaStream_t stream, const char* op) {
+  check_launch(cuda::launch_normalize_rows(w.data_ptr(), to_dtype(w.scalar_type(), op), w.size(0), w.size(1),
+                                           w.stride(0), w.stride(1), nullptr, inv.data_ptr(), stream),
+               op, "inverse norms");
+}
+
+// The weight rows [c0, c0 + t) as a GEMM operand of the embeddings' dtype: a view, or (a float32 weight
+// beside 16-bit embeddings) the chunk rounded to that dtype.
+inline at::Tensor operand_chunk(const at::Tensor& weight, int64_t c0, int64_t t, at::ScalarType x_type) {
+  const at::Tensor rows = weight.narrow(0, c0, t);
+  return rows.scalar_type() == x_type ? rows : rows.to(x_type);
+}
+
 }  // namespace oclear::cuda_glue

@@ -14,6 +14,7 @@
 #include <oclear/checks.h>
 #include <oclear/margin.h>
 
+#include "../cpu/class_chunks.h"
 #include "../cpu/margin_softmax.h"
 #include "margin_softmax_checks.h"
 
@@ -39,8 +40,8 @@ cpu::MarginSoftmaxArgs check_problem(const at::Tensor& embeddings, const at::Ten
                                      int64_t ignore_index, bool straight_through) {
   check_float_matrix(embeddings, "embeddings");
   check_float_matrix(weight, "weight");
-  TORCH_CHECK_TYPE(weight.scalar_type() == embeddings.scalar_type(), kOp,
-                   "weight and embeddings must have the same dtype, got weight ",
+  TORCH_CHECK_TYPE(cpu::compatible_weight_dtype(embeddings.scalar_type(), weight.scalar_type()), kOp,
+                   "weight must have the embeddings' dtype, or be float32 beside 16-bit embeddings, got weight ",
                    weight.scalar_type(), " and embeddings ", embeddings.scalar_type());
   TORCH_CHECK_VALUE(embeddings.size(1) >= 1, kOp, "embedding dimension must be >= 1, got shape ",
                     embeddings.sizes());

@@ -90,10 +90,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   const cuda::Dtype acc_dtype = to_dtype(acc);
   const auto acc_opts = embeddings.options().dtype(acc);
 
-  at::Tensor w_inv = inverse_norms(weight, acc, stream, kOp);
+  // A float32 weight beside 16-bit embeddings is rounded to their dtype chunk by chunk (the GEMMs run on
+  // the 16-bit chunk; its inverse norms are the rounded rows'), as the CPU op does (class_chunks.h).
+  const bool mixed = weight.scalar_type() != embeddings.scalar_type();
+  at::Tensor w_inv = mixed ? new_buffer({c_local}, acc_opts) : inverse_norms(weight, acc, stream, kOp);
   at::Tensor lse = new_buffer({n}, acc_opts);
   at::Tensor target = new_buffer({n}, acc_opts);
-  if (n == 0) return {lse, target, w_inv};
+  if (n == 0) {
+    if (mixed) inverse_norms_into(weight.to(embeddings.scalar_type()), w_inv, stream, kOp);
+    return {lse, target, w_inv};
+  }
 
   const Normalized xn = normalize_rows(embeddings, acc, stream, kOp);
   const int64_t chunk = class_chunk(n, d, c_local, kOp);
@@ -103,7 +109,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   for (int64_t c0 = 0; c0 < c_local; c0 += chunk) {
     const int64_t t = std::min(chunk, c_local - c0);
     at::Tensor s = scores.narrow(0, 0, n * t).view({n, t});
-    mm_into(s, xn.x_hat, weight.narrow(0, c0, t).t());
+    const at::Tensor wt = operand_chunk(weight, c0, t, embeddings.scalar_type());
+    if (mixed) inverse_norms_into(wt, w_inv.narrow(0, c0, t), stream, kOp);
+    mm_into(s, xn.x_hat, wt.t());
     const bool last = c0 + t >= c_local;
     check_launch(cuda::launch_forward_epilogue(
                      acc_dtype, s.data_ptr(), n, t, static_cast<const char*>(w_inv.data_ptr()) + c0 * w_inv.element_size(),
@@ -166,9 +174,10 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(
   at::Tensor e_buffer = need_grad_weight ? new_buffer({chunk * d}, acc_opts) : at::Tensor();
   const char* w_inv_bytes = static_cast<const char*>(w_inv.data_ptr());
 
+  const bool mixed = weight.scalar_type() != embeddings.scalar_type();  // see forward_cuda
   for (int64_t c0 = 0; c0 < c_local; c0 += chunk) {
     const int64_t t = std::min(chunk, c_local - c0);
-    const at::Tensor wt = weight.narrow(0, c0, t);
+    const at::Tensor wt = operand_chunk(weight, c0, t, embeddings.scalar_type());
     const void* w_inv_chunk = w_inv_bytes + c0 * w_inv.element_size();
     at::Tensor s = scores.narrow(0, 0, n * t).view({n, t});
     mm_into(s, xn.x_hat, wt.t());
@@ -189,8 +198,12 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(
     if (need_grad_weight) {
       at::Tensor e = e_buffer.narrow(0, 0, t * d).view({t, d});
       mm_into(e, b.t(), xn.x_hat);
-      check_launch(cuda::launch_project_weight_grad(dtype, e.data_ptr(), wt.data_ptr(), t, d, wt.stride(0),
-                                                    wt.stride(1), w_inv_chunk, grad_weight[c0].data_ptr(), stream),
+      // The projection reads w in the gradient's dtype: a float32 weight's gradient is projected through
+      // its rounded rows, widened back to float32 (the gradient at the rows the forward used).
+      const at::Tensor wp = mixed ? wt.to(weight.scalar_type()) : wt;
+      check_launch(cuda::launch_project_weight_grad(to_dtype(weight.scalar_type()), e.data_ptr(), wp.data_ptr(), t, d,
+                                                    wp.stride(0), wp.stride(1), w_inv_chunk, grad_weight[c0].data_ptr(),
+                                                    stream),
                    "weight gradient projection");
     }
   }

@@ -5,11 +5,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .autocast import register_weight_preserving_autocast
+
 
 @torch.library.register_fake("oclear::class_topk")
 def _class_topk_fake(embeddings, weight, exclude, k):
     acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     return embeddings.new_empty(k, dtype=acc), embeddings.new_empty(k, dtype=torch.long)
+
+
+register_weight_preserving_autocast("oclear::class_topk", torch.ops.oclear.class_topk)
 
 
 def hardest_classes(embeddings: Tensor, weight: Tensor, k: int, *, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -21,7 +26,8 @@ def hardest_classes(embeddings: Tensor, weight: Tensor, k: int, *, exclude: Tens
 
     Args:
         embeddings: (N, D), N >= 1.
-        weight: (C, D) class centres, same dtype and device.
+        weight: (C, D) class centres on the same device, the embeddings' dtype or float32 beside 16-bit
+            embeddings (rounded to their dtype chunk by chunk); under autocast only the embeddings are cast.
         k: how many classes, 0 <= k <= C - len(unique(exclude)).
         exclude: int64 class ids in [0, C), any order, duplicates allowed.
     Returns:

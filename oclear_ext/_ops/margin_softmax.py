@@ -21,6 +21,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
+from .autocast import register_weight_preserving_autocast
 from .negatives import LOCAL_IGNORE, Negatives, active_classes, restrict_to_active
 
 OP_NAME = "oclear_ext.margin_softmax_loss"
@@ -141,6 +142,7 @@ def _backward(ctx, grad_lse, grad_target, _grad_weight_inv_norm):
 
 
 torch.library.register_autograd("oclear::margin_softmax_forward", _backward, setup_context=_setup_context)
+register_weight_preserving_autocast("oclear::margin_softmax_forward", torch.ops.oclear.margin_softmax_forward)
 
 
 def margin_softmax_loss(
@@ -161,7 +163,10 @@ def margin_softmax_loss(
 
     Args:
         embeddings: (N, D) float32 | float64 | bfloat16 | float16; normalised inside.
-        weight: (C, D) class centres, same dtype; normalised inside (no normalised copy is made).
+        weight: (C, D) class centres, the embeddings' dtype, or float32 beside 16-bit embeddings (an fp32
+            master classifier: its rows are rounded to the embeddings' dtype chunk by chunk, its gradient
+            stays float32); normalised inside (no normalised copy is made). Under torch.autocast the
+            embeddings are cast to the autocast dtype and the weight is kept as it is (oclear_ext/_ops/autocast.py).
         labels: (N,) int64 class ids in [0, C), or `ignore_index`.
         scale: s > 0, the logit scale.
         margin: (m1, m2, m3); the target logit is s * (cos(m1 * theta + m2) - m3) (insightface's combined
