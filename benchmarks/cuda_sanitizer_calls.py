@@ -10,7 +10,7 @@ expected), N = 1, and an empty batch; then hardest_classes (its chunked merge in
 each dtype with and without excluded classes; then concept_attention forward+backward for float32 /
 bfloat16 / float16 over query tiles with a ragged edge, key counts below, at and above a tile, head
 dims 16 to 256, shared and per-batch memories, random and fully padded rows, and the same for the
-tensor-core kernels (OCLEAR_CUDA_ATTENTION_TC=1) in bfloat16 / float16. Every result is checked for
+tensor-core kernels (backend="tensor_core") in bfloat16 / float16. Every result is checked for
 NaN / inf, so a run that the sanitizer passes also computed something finite. Exit status 0 when every
 call behaved.
 """
@@ -108,7 +108,7 @@ def class_topk_calls(device: torch.device) -> int:
 
 ATTENTION_SHAPES = ((3, 2, 1, 1, 16, False), (2, 3, 33, 65, 64, False), (4, 2, 17, 130, 80, True),
                     (2, 1, 5, 300, 128, True), (2, 2, 3, 40, 256, False))
-# The tensor-core kernels' cases (OCLEAR_CUDA_ATTENTION_TC=1): ragged query tiles, keys off the 16-key tile.
+# The tensor-core kernels' cases (backend="tensor_core"): ragged query tiles, keys off the 16-key tile.
 TENSOR_CORE_SHAPES = ((3, 2, 1, 3, 16, False), (2, 2, 70, 100, 64, False), (3, 2, 33, 144, 64, True),
                       (2, 1, 17, 176, 32, True))
 
@@ -117,7 +117,7 @@ def concept_attention_calls(device: torch.device, tensor_cores: bool = False) ->
     """concept_attention forward and backward on shapes that hit every tile edge of the CUDA kernels."""
     calls = 0
     g = torch.Generator(device="cpu").manual_seed(2)
-    os.environ["OCLEAR_CUDA_ATTENTION_TC"] = "1" if tensor_cores else "0"
+    backend = "tensor_core" if tensor_cores else "cuda_core"
     dtypes = (torch.bfloat16, torch.float16) if tensor_cores else (torch.float32, torch.bfloat16, torch.float16)
     for dtype in dtypes:
         for b, h, lq, lk, dh, shared in TENSOR_CORE_SHAPES if tensor_cores else ATTENTION_SHAPES:
@@ -127,12 +127,11 @@ def concept_attention_calls(device: torch.device, tensor_cores: bool = False) ->
             v = torch.randn(kb, h, lk, dh, generator=g).to(device, dtype).requires_grad_(True)
             pad = torch.rand(b, lk, generator=g) < 0.3
             pad[-1] = True  # a fully padded row: zeros out, zero gradients
-            out = oclear_ext.concept_attention(q, k, v, pad.to(device))
+            out = oclear_ext.concept_attention(q, k, v, pad.to(device), backend=backend)
             out.backward(torch.randn(out.shape, generator=g).to(device, dtype))
             check_finite("concept_attention", out, q.grad, k.grad, v.grad)
             assert not out[-1].any() and not q.grad[-1].any(), "a fully padded row must give zeros"
             calls += 1
-    del os.environ["OCLEAR_CUDA_ATTENTION_TC"]
     return calls
 
 

@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -30,7 +28,7 @@ def table(title: str, step, calls: int = 5) -> None:
 
 
 def attention(tensor_cores: bool) -> None:
-    os.environ["OCLEAR_CUDA_ATTENTION_TC"] = "1" if tensor_cores else "0"
+    backend = "tensor_core" if tensor_cores else "cuda_core"
     for b, lq, lk, shared in ATTENTION_SHAPES:
         opts = dict(device="cuda", dtype=torch.bfloat16)
         q = torch.randn(b, 8, lq, 64, **opts, requires_grad=True)
@@ -40,8 +38,7 @@ def attention(tensor_cores: bool) -> None:
         go = torch.randn(b, 8, lq, 64, **opts)
         table(f"concept attention ({'tensor' if tensor_cores else 'CUDA'} cores) B={b} Lq={lq} Lk={lk} "
               f"{'shared' if shared else 'per-batch'} memory",
-              lambda: oclear_ext.concept_attention(q, k, v, pad).backward(go))
-    del os.environ["OCLEAR_CUDA_ATTENTION_TC"]
+              lambda: oclear_ext.concept_attention(q, k, v, pad, backend=backend).backward(go))
 
 
 def margin_softmax() -> None:

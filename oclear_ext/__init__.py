@@ -7,10 +7,11 @@ Public API:
     oclear_ext.distributed.*            partition, the sharded softmax algebra, sharded checkpoints
     oclear_ext.optim.RowSparseSGD / RowSparseAdamW   optimizer steps that touch only the sampled class rows
     oclear_ext.concept_attention        fused small cross-attention (text x concept memory, image x text)
+    oclear_ext.concept_attention_backend   context manager: its kernel family ("auto", "cuda_core", "tensor_core")
     oclear_ext.nn.ConceptAwareFusion    concept-aware image/text fusion of documents
     oclear_ext.hardest_classes          fused top-k of the classes closest to a batch (hard negatives)
     oclear_ext.reference.*              plain-PyTorch references (ground truth, benchmark baselines)
-    oclear_ext.cpu_output_cache         the bounded cache of the CPU ops' large outputs (stats, empty, set_limit)
+    oclear_ext.cpu_output_cache         opt-in bounded cache of the CPU op's large outputs (enabled, set_limit, stats, empty)
 """
 
 import importlib
@@ -24,14 +25,16 @@ __version__ = "0.1.0"
 _LAZY_NAMES = {
     "margin_softmax_loss": "._ops.margin_softmax",
     "concept_attention": "._ops.concept_attention",
+    "concept_attention_backend": "._ops.concept_attention",
     "hardest_classes": "._ops.class_topk",
     "RandomNegatives": "._ops.negatives",
     "TopKNegatives": "._ops.negatives",
     "build_info": "._ops",
+    "margin_softmax_options": "._ops.options",
 }
 _SUBMODULES = ("nn", "optim", "distributed", "reference", "cpu_output_cache", "data", "eval", "models", "search", "train")
 
-__all__ = ["margin_softmax_loss", "concept_attention", "hardest_classes", "RandomNegatives", "TopKNegatives", "nn", "optim",
+__all__ = ["margin_softmax_loss", "margin_softmax_options", "concept_attention", "concept_attention_backend", "hardest_classes", "RandomNegatives", "TopKNegatives", "nn", "optim",
            "distributed", "reference", "cpu_output_cache", "build_info"]
 
 

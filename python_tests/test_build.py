@@ -18,14 +18,23 @@ def test_parallel_for_uses_torch_threads(threads):
     torch.set_num_threads(threads)
     try:
         # Without -fopenmp at::parallel_for compiles to its serial fallback: always 1 thread.
-        assert torch.ops.oclear.parallel_threads_used(64) == threads
+        assert torch.ops.oclear._parallel_threads_used(64) == threads
     finally:
         torch.set_num_threads(before)
 
 
 def test_parallel_threads_used_rejects_bad_input():
-    with pytest.raises(RuntimeError, match="items must be >= 1, got 0"):
-        torch.ops.oclear.parallel_threads_used(0)
+    with pytest.raises(RuntimeError, match="_parallel_threads_used: items must be >= 1, got 0"):
+        torch.ops.oclear._parallel_threads_used(0)
+
+
+def test_introspection_ops_are_private():
+    # Introspection and tuning hooks carry a leading underscore: not API, free to change.
+    for name in ("_parallel_threads_used", "_concept_attention_cpu_isa", "_cpu_output_cache_stats",
+                 "_cpu_output_cache_empty", "_cpu_output_cache_set_limit"):
+        assert hasattr(torch.ops.oclear, name), name
+        with pytest.raises(AttributeError):
+            getattr(torch.ops.oclear, name[1:])
 
 
 def test_error_messages_keep_their_numbers():

@@ -159,10 +159,12 @@ def test_every_instruction_set_path(isa):
     # Run the others in a subprocess (the capability is read once per process).
     code = (
         "import torch, oclear_ext\n"
+        "import oclear_ext._ops  # loads the kernels (torch.ops.oclear.* below)\n"
         "from oclear_ext import reference\n"
         "import sys; sys.path.insert(0, 'python_tests')\n"
         "from attention_cases import make_attention_inputs, output_and_grads\n"
-        "print(torch.ops.oclear.concept_attention_cpu_isa())\n"
+        "print(torch.ops.oclear._concept_attention_cpu_isa())\n"
+        "oclear_ext.cpu_output_cache.set_limit(1 << 30)  # the second call below then runs on reused blocks\n"
         "for bc in (False, True):\n"
         "    for dt in (torch.float64, torch.float32):\n"
         "        q, k, v, m = make_attention_inputs(3, 2, 70, 130, 80, broadcast=bc, pad_fraction=0.3, empty_rows=1, dtype=dt, seed=1)\n"

@@ -24,13 +24,13 @@ def test_cuda_matches_cpu_float32(lq, lk, dh, broadcast):
         torch.testing.assert_close(g.cpu(), c, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-def assert_within_twice_pytorch_error(b, lq, lk, dh, broadcast, dtype, seed):
+def assert_within_twice_pytorch_error(b, lq, lk, dh, broadcast, dtype, seed, backend="auto"):
     """Ours (low precision) vs the float64 reference: at most twice the error of plain PyTorch in that dtype."""
     q, k, v, mask = make_attention_inputs(b, 2, lq, lk, dh, broadcast=broadcast, pad_fraction=0.3, empty_rows=1, seed=seed)
     grad_out = torch.randn_like(q)
     exact = output_and_grads(oclear_ext.reference.concept_attention, q, k, v, mask, grad_out)
     low = [t.to("cuda", dtype) for t in (q, k, v)]
-    ours = output_and_grads(oclear_ext.concept_attention, *low, mask.cuda(), grad_out.to("cuda", dtype))
+    ours = output_and_grads(oclear_ext.concept_attention, *low, mask.cuda(), grad_out.to("cuda", dtype), backend=backend)
     plain = output_and_grads(oclear_ext.reference.concept_attention, *low, mask.cuda(), grad_out.to("cuda", dtype))
     for name, o, p, e in zip(("out", "grad_q", "grad_k", "grad_v"), ours, plain, exact):
         err_ours = (o.double().cpu() - e).abs().max().item()
@@ -45,7 +45,7 @@ def test_cuda_low_precision_within_twice_pytorch_error(dtype, broadcast):
     assert_within_twice_pytorch_error(4, 33, 70, 64, broadcast, dtype, seed=4)
 
 
-# The tensor-core kernels (OCLEAR_CUDA_ATTENTION_TC=1; bf16 / fp16, Dh in {16, 32, 64}, whole key rows in
+# The tensor-core kernels (backend="tensor_core"; bf16 / fp16, Dh in {16, 32, 64}, whole key rows in
 # shared memory): query tiles with ragged edges, key counts off the 16-key tile, and the most keys that fit
 # an A100's shared memory too (144 at Dh = 64, 176 at Dh = 32, 208 at Dh = 16), so the path is taken on both.
 TC_SHAPES = [(1, 32, 64), (33, 70, 64), (64, 64, 64), (70, 144, 64), (17, 100, 32), (2, 176, 32), (5, 3, 16),
@@ -55,34 +55,67 @@ TC_SHAPES = [(1, 32, 64), (33, 70, 64), (64, 64, 64), (70, 144, 64), (17, 100, 3
 @pytest.mark.parametrize("lq, lk, dh", TC_SHAPES)
 @pytest.mark.parametrize("broadcast", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_tensor_core_path_within_twice_pytorch_error(monkeypatch, lq, lk, dh, broadcast, dtype):
-    monkeypatch.setenv("OCLEAR_CUDA_ATTENTION_TC", "1")
-    tc = assert_within_twice_pytorch_error(3, lq, lk, dh, broadcast, dtype, seed=lq + lk)
-    monkeypatch.setenv("OCLEAR_CUDA_ATTENTION_TC", "0")
+def test_tensor_core_path_within_twice_pytorch_error(lq, lk, dh, broadcast, dtype):
+    tc = assert_within_twice_pytorch_error(3, lq, lk, dh, broadcast, dtype, seed=lq + lk, backend="tensor_core")
     q, k, v, mask = make_attention_inputs(3, 2, lq, lk, dh, broadcast=broadcast, pad_fraction=0.3, empty_rows=1,
                                           seed=lq + lk, dtype=dtype, device="cuda")
-    cores = oclear_ext.concept_attention(q, k, v, mask)
-    assert not torch.equal(cores, tc[0]), "the switch did not change the kernels (tensor-core path not taken?)"
+    for backend in ("auto", "cuda_core"):  # the default is the CUDA-core kernels
+        cores = oclear_ext.concept_attention(q, k, v, mask, backend=backend)
+        assert not torch.equal(cores, tc[0]), f"backend={backend!r} ran the same kernels as 'tensor_core'"
+    with oclear_ext.concept_attention_backend("tensor_core"):  # the context manager reaches the op
+        torch.testing.assert_close(oclear_ext.concept_attention(q, k, v, mask), tc[0], rtol=0, atol=0)
 
 
-def test_tensor_core_path_partial_gradients_and_empty_rows(monkeypatch):
-    monkeypatch.setenv("OCLEAR_CUDA_ATTENTION_TC", "1")
+def test_tensor_core_path_partial_gradients_and_empty_rows():
     q, k, v, mask = make_attention_inputs(3, 2, 20, 50, 32, broadcast=True, pad_fraction=0.3, empty_rows=1,
                                           dtype=torch.bfloat16, device="cuda")
     grad_out = torch.randn_like(q)
-    full = output_and_grads(oclear_ext.concept_attention, q, k, v, mask, grad_out)
+    full = output_and_grads(oclear_ext.concept_attention, q, k, v, mask, grad_out, backend="tensor_core")
     assert not full[0][0].any() and not full[1][0].any(), "a fully padded row: zero output and zero grad_q"
     for wanted in ("q", "k", "v"):
         leaves = {name: t.detach().requires_grad_(name == wanted) for name, t in zip("qkv", (q, k, v))}
-        oclear_ext.concept_attention(leaves["q"], leaves["k"], leaves["v"], mask).backward(grad_out)
+        oclear_ext.concept_attention(leaves["q"], leaves["k"], leaves["v"], mask, backend="tensor_core").backward(grad_out)
         # Same kernels; a shared memory's dK, dV are summed with float32 atomics (order may differ).
         torch.testing.assert_close(leaves[wanted].grad, full["qkv".index(wanted) + 1])
 
 
-@pytest.mark.parametrize("tensor_cores", ["0", "1"])
-def test_cuda_broadcast_memory_is_never_expanded(monkeypatch, tensor_cores):
-    monkeypatch.setenv("OCLEAR_CUDA_ATTENTION_TC", tensor_cores)
-    assert_shared_memory_not_expanded("cuda", torch.bfloat16)
+@pytest.mark.parametrize("q_dtype, dh, lk, error, match", [
+    (torch.float32, 64, 64, TypeError, r"backend='tensor_core' needs bfloat16 or float16 q, k and v, got"),
+    (torch.bfloat16, 80, 64, ValueError, r"backend='tensor_core' needs head_dim \(q.size\(3\)\) in \{16, 32, 64\}, got 80"),
+    (torch.float16, 64, 300, ValueError, r"it needs 1 <= keys \(k.size\(2\)\) <= 256, got 300"),
+])
+def test_tensor_core_errors_name_the_problem(q_dtype, dh, lk, error, match):
+    q, k, v, _ = make_attention_inputs(2, 2, 4, lk, dh, dtype=q_dtype, device="cuda")
+    with pytest.raises(error, match=match):
+        oclear_ext.concept_attention(q, k, v, backend="tensor_core")
+    if error is ValueError:  # the shape rules are also the op's own (direct torch.ops callers)
+        with pytest.raises(error, match=match):
+            torch.ops.oclear.concept_attention_forward(q, k, v, None, 0.125, "tensor_core")
+
+
+@pytest.mark.parametrize("backend", ["cuda_core", "tensor_core"])
+def test_cuda_broadcast_memory_is_never_expanded(backend):
+    with oclear_ext.concept_attention_backend(backend):
+        assert_shared_memory_not_expanded("cuda", torch.bfloat16)
+
+
+def test_cuda_autocast_casts_like_by_hand():
+    q, k, v, mask = make_attention_inputs(3, 2, 9, 21, 32, broadcast=True, pad_fraction=0.3, empty_rows=1,
+                                          dtype=torch.float32, device="cuda", seed=4)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = oclear_ext.concept_attention(*leaves, mask)
+        _, lse = torch.ops.oclear.concept_attention_forward(q, k, v, mask, 0.25)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    out.float().sum().backward()
+    by_hand = [t.to(torch.bfloat16).detach().requires_grad_(True) for t in (q, k, v)]
+    want = oclear_ext.concept_attention(*by_hand, mask)
+    want.float().sum().backward()
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    for got, expected in zip(leaves, by_hand):
+        assert got.grad.dtype == torch.float32
+        # A shared memory's dK, dV are summed with float32 atomics (order may differ between runs).
+        torch.testing.assert_close(got.grad, expected.grad.float(), rtol=1e-2, atol=1e-2)
 
 
 def test_cuda_fully_padded_rows_and_float64_error():

@@ -1,4 +1,4 @@
-"""The CPU output cache behind concept attention's large outputs (oclear_ext.cpu_output_cache)."""
+"""The opt-in CPU output cache behind concept attention's large outputs (oclear_ext.cpu_output_cache)."""
 
 from __future__ import annotations
 
@@ -101,26 +101,63 @@ def test_outputs_behave_like_any_cpu_tensor(cache):
 
 
 def test_bad_limits_are_refused(cache):
-    with pytest.raises(ValueError, match="limit must be >= 0"):
+    with pytest.raises(ValueError, match=r"cpu_output_cache.set_limit: limit_bytes must be >= 0 \(0 turns the cache off\), got -1"):
         cache.set_limit(-1)
-    with pytest.raises(TypeError, match="limit_bytes must be an int"):
+    with pytest.raises(TypeError, match="cpu_output_cache.set_limit: limit_bytes must be an int, got float"):
         cache.set_limit(1.5)
+    with pytest.raises(ValueError, match="cpu_output_cache.enabled: limit_bytes must be >= 0"):
+        with cache.enabled(-5):
+            pass
+    with pytest.raises(ValueError, match="the limit must be >= 0 bytes, got -1"):  # the op itself checks too
+        torch.ops.oclear._cpu_output_cache_set_limit(-1)
 
 
-def test_bad_environment_setting_is_refused():
-    env = dict(os.environ, OCLEAR_CPU_OUTPUT_CACHE_MIB="lots")
-    code = "import oclear_ext; print(oclear_ext.cpu_output_cache.stats())"
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert "OCLEAR_CPU_OUTPUT_CACHE_MIB must be a whole number of MiB >= 0, got 'lots'" in result.stderr
-
-
-def test_environment_sets_the_limit():
-    env = dict(os.environ, OCLEAR_CPU_OUTPUT_CACHE_MIB="3")
-    code = "import oclear_ext; print(oclear_ext.cpu_output_cache.stats().limit_bytes)"
+def test_off_by_default_and_the_old_environment_variable_is_not_read():
+    # A fresh process: the op's outputs come from torch's allocator (no cache request at all), and
+    # OCLEAR_CPU_OUTPUT_CACHE_MIB, the old switch, is no longer API.
+    env = dict(os.environ, OCLEAR_CPU_OUTPUT_CACHE_MIB="64")
+    code = ("import torch, oclear_ext\n"
+            "q = torch.randn(8, 4, 64, 128, requires_grad=True)\n"
+            "for _ in range(3): oclear_ext.concept_attention(q, q, q).sum().backward()\n"
+            "print(tuple(oclear_ext.cpu_output_cache.stats()))\n")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == str(3 << 20)
+    assert result.stdout.strip() == "(0, 0, 0, 0)"
+
+
+def test_enabled_turns_it_on_for_a_block_and_gives_the_blocks_back():
+    assert cpu_output_cache.stats().limit_bytes == 0  # the suite leaves it off
+    q, k, v = attention_inputs()
+    with cpu_output_cache.enabled(4 * out_bytes()):
+        assert cpu_output_cache.stats().limit_bytes == 4 * out_bytes()
+        hits = cpu_output_cache.stats().hits
+        for _ in range(3):
+            oclear_ext.concept_attention(q, k, v)
+        assert cpu_output_cache.stats().hits == hits + 2  # the second and third calls reuse the first's block
+        with cpu_output_cache.enabled(0):  # nested: off within, back on after
+            assert cpu_output_cache.stats() == (0, 0, *cpu_output_cache.stats()[2:])
+        assert cpu_output_cache.stats().limit_bytes == 4 * out_bytes()
+    assert cpu_output_cache.stats().limit_bytes == 0
+    assert cpu_output_cache.stats().cached_bytes == 0
+    with pytest.raises(RuntimeError, match="inside"):
+        with cpu_output_cache.enabled():
+            raise RuntimeError("inside")
+    assert cpu_output_cache.stats().limit_bytes == 0  # restored on an exception too
+
+
+def test_cached_outputs_are_visible_to_the_profiler(cache):
+    # torch.profiler(profile_memory=True) sees the op's outputs whether or not they come from the cache.
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v = attention_inputs()
+    oclear_ext.concept_attention(q, k, v)  # a block is cached: the next call is a hit
+    hits = cache.stats().hits
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = oclear_ext.concept_attention(q, k, v)
+        del out
+    assert cache.stats().hits == hits + 1
+    sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    assert out_bytes() in sizes and -out_bytes() in sizes, sizes  # allocated, then freed
 
 
 @pytest.mark.parametrize("broadcast", [False, True])

@@ -1,14 +1,23 @@
 // The CPU output cache: large output blocks go back to a bounded free list instead of the system.
 //
-// Why: glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh
+// Opt-in, off by default (limit 0): which allocator a process uses is the application's choice, not a
+// kernel library's. With the cache off the op's outputs are plain at::empty tensors from torch's CPU
+// allocator, like every other op's, so a benchmark compares like with like and torch's memory tools
+// see them. A process that wants the cache turns it on with oclear_ext.cpu_output_cache.set_limit(bytes)
+// or the context manager cpu_output_cache.enabled(...); a general allocator that keeps freed pages
+// mapped (jemalloc, tcmalloc; see benchmarks/README.md) removes the same page faults for every op.
+//
+// Why it exists: glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh
 // mapping and unmaps it on free, so each large output of every training step is faulted in again,
 // page by page. On a 2-core VM that costs ~22-30 ms per 128 MiB (kernel page allocation, memory
 // cgroup charge, zeroing), measured: at the concept-attention benchmark shape it was ~40% of the
 // op's forward+backward time, more than the arithmetic. The CUDA caching allocator exists for the
 // same reason. A request takes the smallest cached block that fits and is less than twice its size
 // (a training step asks for the same sizes every time; varying ones still find a block); the cache
-// holds at most `limit` bytes (OCLEAR_CPU_OUTPUT_CACHE_MIB, default 1024; 0 turns
-// it off) and oclear_ext.cpu_output_cache.empty() gives everything back.
+// holds at most `limit` bytes and oclear_ext.cpu_output_cache.empty() gives everything back. Blocks
+// handed out and given back are reported to torch's profiler (profile_memory=True) as torch's own CPU
+// allocator reports its blocks; cached free blocks are not tensors and are not reported (stats() says
+// how many bytes the cache holds).
 //
 // Eviction. A freed block that does not fit under the limit may evict *stale* blocks, oldest first:
 // blocks that have sat through more large requests than twice the longest wait after which any block
@@ -24,11 +33,12 @@
 
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
-#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
@@ -40,26 +50,19 @@ namespace {
 
 // Below this glibc's heap reuses freed memory by itself (no fresh pages in steady state).
 constexpr size_t kMinCachedBytes = size_t{1} << 20;
-constexpr int64_t kDefaultLimitMib = 1024;
 // A block is stale after more than 2 x (the longest wait of any reused block) + kStaleSlack requests.
 constexpr uint64_t kStaleSlack = 8;
 
-int64_t limit_from_environment() {
-  const char* text = std::getenv("OCLEAR_CPU_OUTPUT_CACHE_MIB");
-  if (text == nullptr || *text == '\0') return kDefaultLimitMib << 20;
-  char* end = nullptr;
-  const long long mib = std::strtoll(text, &end, 10);
-  TORCH_CHECK_VALUE(end != text && *end == '\0' && mib >= 0 && mib <= (INT64_MAX >> 20),
-                    "OCLEAR_CPU_OUTPUT_CACHE_MIB must be a whole number of MiB >= 0, got '", text, "'");
-  return static_cast<int64_t>(mib) << 20;
-}
-
 class OutputCache final : public c10::Allocator {
  public:
-  OutputCache() : limit_(limit_from_environment()) {}
+  // Whether a request of n bytes goes through the cache (on, and a large block); the others take torch's
+  // CPU allocator. Requests above the limit still go through it: they are never cached, but they count
+  // as requests for the eviction rule's notion of time.
+  bool takes(size_t n) const { return n >= kMinCachedBytes && limit_.load(std::memory_order_relaxed) > 0; }
 
   c10::DataPtr allocate(size_t n) override {
-    if (n < kMinCachedBytes) return wrap(c10::alloc_cpu(n));
+    // Reached by empty_output for requests the cache takes, and by a resize of a tensor it handed out.
+    if (n < kMinCachedBytes) return wrap(c10::alloc_cpu(n), n);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       ++requests_;
@@ -72,15 +75,19 @@ class OutputCache final : public c10::Allocator {
         cached_ -= static_cast<int64_t>(it->first);
         free_.erase(it);
         ++hits_;
-        return wrap(ptr);
+        return wrap(ptr, n);
       }
       ++misses_;
     }
     void* ptr = c10::alloc_cpu(n);  // outside the lock: a fresh mapping
-    std::lock_guard<std::mutex> lock(mutex_);
-    live_[ptr] = Block{n, false};
-    return wrap(ptr);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      live_[ptr] = Block{n, false};
+    }
+    return wrap(ptr, n);
   }
+
+  static bool owns(const c10::DataPtr& p) { return p.get_deleter() == &release; }
 
   c10::DeleterFnPtr raw_deleter() const override { return &release; }
 
@@ -96,15 +103,15 @@ class OutputCache final : public c10::Allocator {
 
   OutputCacheStats stats() {
     std::lock_guard<std::mutex> lock(mutex_);
-    return {cached_, limit_, hits_, misses_};
+    return {cached_, limit_.load(std::memory_order_relaxed), hits_, misses_};
   }
 
   void set_limit(int64_t bytes) {
     std::vector<void*> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      limit_ = bytes;
-      evict_oldest_until(limit_, evicted);
+      limit_.store(bytes, std::memory_order_relaxed);
+      evict_oldest_until(bytes, evicted);
     }
     for (void* p : evicted) c10::free_cpu(p);
   }
@@ -128,9 +135,14 @@ class OutputCache final : public c10::Allocator {
 
  private:
   static void release(void* ptr) { instance().give_back(ptr); }
-  static c10::DataPtr wrap(void* ptr) { return {ptr, ptr, &release, c10::Device(c10::DeviceType::CPU)}; }
+  // A block handed out as tensor memory: reported to torch's profiler as torch's CPU allocator does.
+  static c10::DataPtr wrap(void* ptr, size_t n) {
+    c10::profiledCPUMemoryReporter().New(ptr, n);
+    return {ptr, ptr, &release, c10::Device(c10::DeviceType::CPU)};
+  }
 
   void give_back(void* ptr) {
+    c10::profiledCPUMemoryReporter().Delete(ptr);
     std::vector<void*> evicted;
     bool cached = false;
     {
@@ -139,7 +151,7 @@ class OutputCache final : public c10::Allocator {
       if (it != live_.end()) {
         const auto n = static_cast<int64_t>(it->second.bytes);
         live_.erase(it);
-        if (n <= limit_ && make_room(n, evicted)) {
+        if (n <= limit_.load(std::memory_order_relaxed) && make_room(n, evicted)) {
           free_.emplace(static_cast<size_t>(n), FreeBlock{ptr, requests_, ++returned_});
           cached_ += n;
           cached = true;
@@ -155,16 +167,17 @@ class OutputCache final : public c10::Allocator {
   // than before (each cached byte is a page fault saved per step, so a step larger than the limit keeps
   // its largest blocks; equal trades are refused, so two blocks freed in turn never evict each other).
   bool make_room(int64_t n, std::vector<void*>& evicted) {
-    evict_oldest_until(limit_ - n, evicted, /*stale_only=*/true);
-    if (cached_ + n <= limit_) return true;
+    const int64_t limit = limit_.load(std::memory_order_relaxed);
+    evict_oldest_until(limit - n, evicted, /*stale_only=*/true);
+    if (cached_ + n <= limit) return true;
     std::vector<std::multimap<size_t, FreeBlock>::iterator> smaller;
     int64_t freed = 0;
-    for (auto it = free_.lower_bound(static_cast<size_t>(n)); it != free_.begin() && cached_ - freed + n > limit_;) {
+    for (auto it = free_.lower_bound(static_cast<size_t>(n)); it != free_.begin() && cached_ - freed + n > limit;) {
       --it;
       smaller.push_back(it);
       freed += static_cast<int64_t>(it->first);
     }
-    if (cached_ - freed + n > limit_ || freed >= n) return false;
+    if (cached_ - freed + n > limit || freed >= n) return false;
     for (auto it : smaller) {
       evicted.push_back(it->second.ptr);
       free_.erase(it);
@@ -200,7 +213,9 @@ class OutputCache final : public c10::Allocator {
   std::mutex mutex_;
   std::multimap<size_t, FreeBlock> free_;        // size -> cached block
   std::unordered_map<void*, Block> live_;        // large blocks handed out
-  int64_t cached_ = 0, limit_, hits_ = 0, misses_ = 0;
+  int64_t cached_ = 0, hits_ = 0, misses_ = 0;
+  // Written under mutex_; read without it by takes() (a request racing with set_limit may go either way).
+  std::atomic<int64_t> limit_{0};  // off until the application turns it on
   uint64_t requests_ = 0;             // large allocations so far
   uint64_t returned_ = 0;             // blocks cached so far
   uint64_t longest_reuse_wait_ = 0;   // most requests a cached block sat through before it was taken
@@ -209,12 +224,16 @@ class OutputCache final : public c10::Allocator {
 }  // namespace
 
 at::Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype) {
-  return at::detail::empty_generic(sizes, &OutputCache::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   dtype, at::MemoryFormat::Contiguous);
+  OutputCache& cache = OutputCache::instance();
+  const size_t bytes = c10::multiply_integers(sizes) * c10::elementSize(dtype);
+  if (!cache.takes(bytes)) return at::empty(sizes, at::TensorOptions().dtype(dtype).device(at::kCPU));
+  return at::detail::empty_generic(sizes, &cache, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
+                                   at::MemoryFormat::Contiguous);
 }
 
 bool output_block_reused(const at::Tensor& t) {
-  return t.defined() && t.is_cpu() && t.storage_offset() == 0 && OutputCache::instance().reused(t.storage().data());
+  return t.defined() && t.is_cpu() && t.storage_offset() == 0 && OutputCache::owns(t.storage().data_ptr()) &&
+         OutputCache::instance().reused(t.storage().data());
 }
 
 OutputCacheStats output_cache_stats() { return OutputCache::instance().stats(); }

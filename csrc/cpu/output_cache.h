@@ -7,8 +7,9 @@
 
 namespace oclear::cpu {
 
-// A fresh contiguous CPU tensor whose storage comes from the output cache (uninitialised, like
-// at::empty; resizable, freed back into the cache).
+// A fresh contiguous CPU tensor (uninitialised, like at::empty). With the cache on (limit > 0) and a
+// block of 1 MiB or more, its storage comes from the output cache (resizable, freed back into the
+// cache); otherwise it is at::empty's, from torch's CPU allocator. The cache is off by default.
 at::Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype);
 
 // Whether t's storage is a block the cache handed out again (its pages are mapped already, so
@@ -25,7 +26,7 @@ struct OutputCacheStats {
 OutputCacheStats output_cache_stats();
 // Frees every cached block and forgets how long blocks waited for reuse (see the eviction rule).
 void output_cache_empty();
-// Sets the limit (bytes, >= 0; 0 turns caching off) and frees cached blocks above it.
+// Sets the limit (bytes, >= 0; 0, the default, turns caching off) and frees cached blocks above it.
 void output_cache_set_limit(int64_t bytes);
 
 }  // namespace oclear::cpu

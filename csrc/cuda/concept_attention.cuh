@@ -22,8 +22,9 @@ struct AttentionArgs {
   const bool* mask;  // contiguous (B, Lk), true = padding; null = none
   float scale;
   AttentionDtype dtype;
-  // Opt in to the tensor-core (WMMA) kernels where they apply (concept_attention_tc_eligible); the
-  // glue sets it from OCLEAR_CUDA_ATTENTION_TC=1 on sm_80+. Off by default until verified on a GPU.
+  // Run the tensor-core (WMMA) kernels where they apply (concept_attention_tc_support). The glue sets
+  // it for the op's backend="tensor_core" after checking that they apply (and raising if not); the
+  // default (CUDA-core kernels) is what has been verified on a GPU.
   bool tensor_cores = false;
 };
 
@@ -48,9 +49,22 @@ cudaError_t concept_attention_forward(const AttentionArgs& args, void* out, floa
 cudaError_t concept_attention_backward(const AttentionArgs& args, const AttentionGrads& grads, cudaStream_t stream);
 
 // The tensor-core path (concept_attention_tc.cu): bfloat16 / float16, Dh in {16, 32, 64}, whole key rows
-// (Lk <= 256, within 200 KiB of shared memory) in shared memory. The two launchers above call it when args.tensor_cores is set and
-// this says it applies.
-bool concept_attention_tc_eligible(const AttentionArgs& args);
+// (Lk <= 256, within 200 KiB of shared memory) in shared memory. The two launchers above call it when
+// args.tensor_cores is set and concept_attention_tc_eligible says it applies.
+// Why it does not apply, so that the glue can name the problem (kSupported: it applies).
+enum class TcSupport {
+  kSupported,
+  kDtype,         // float32 (the WMMA kernels take bfloat16 / float16)
+  kHeadDim,       // Dh not in {16, 32, 64}
+  kKeyCount,      // Lk > 256 (or Lq, Lk < 1: nothing to launch)
+  kSharedMemory,  // the whole key rows do not fit the current device's per-block shared memory
+  kArchitecture,  // the current device is older than sm_80, or this build has no sm_80+ code for it
+  kDeviceQuery,   // a CUDA device query failed
+};
+TcSupport concept_attention_tc_support(const AttentionArgs& args);
+inline bool concept_attention_tc_eligible(const AttentionArgs& args) {
+  return concept_attention_tc_support(args) == TcSupport::kSupported;
+}
 cudaError_t concept_attention_forward_tc(const AttentionArgs& args, void* out, float* lse, cudaStream_t stream);
 cudaError_t concept_attention_backward_tc(const AttentionArgs& args, const AttentionGrads& grads, cudaStream_t stream);
 

@@ -616,25 +616,31 @@ struct Backward {
 }  // namespace
 
 #ifndef OCLEAR_CUDA_EMULATION
-bool concept_attention_tc_eligible(const AttentionArgs& a) {
-  if (a.dtype == AttentionDtype::kFloat32) return false;
-  if (a.dh != 16 && a.dh != 32 && a.dh != 64) return false;
-  if (a.lk < 1 || a.lk > kMaxKeys || a.lq < 1) return false;
+TcSupport concept_attention_tc_support(const AttentionArgs& a) {
+  if (a.dtype == AttentionDtype::kFloat32) return TcSupport::kDtype;
+  if (a.dh != 16 && a.dh != 32 && a.dh != 64) return TcSupport::kHeadDim;
+  if (a.lk < 1 || a.lk > kMaxKeys || a.lq < 1) return TcSupport::kKeyCount;
   const int lkp = static_cast<int>((a.lk + kTile - 1) / kTile * kTile);
   const int dh = static_cast<int>(a.dh);
-  int device = 0, optin = 0;
+  int device = 0, optin = 0, major = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-    return false;
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    (void)cudaGetLastError();  // not sticky: clear it, or the caller's next launch check would report it
+    return TcSupport::kDeviceQuery;
   }
+  if (major < 8) return TcSupport::kArchitecture;  // WMMA on bf16 needs sm_80
   // The kernels this build runs on this device must come from sm_80+ code: a build for older
   // architectures only (e.g. TORCH_CUDA_ARCH_LIST="7.5+PTX" JIT-compiled here) holds kernels that trap.
   cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, forward_tc_kernel<__nv_bfloat16, 16>) != cudaSuccess || attr.ptxVersion < 80) {
-    return false;
+  if (cudaFuncGetAttributes(&attr, forward_tc_kernel<__nv_bfloat16, 16>) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return TcSupport::kArchitecture;
   }
+  if (attr.ptxVersion < 80) return TcSupport::kArchitecture;
   const size_t limit = static_cast<size_t>(optin) < kMaxSharedBytes ? static_cast<size_t>(optin) : kMaxSharedBytes;
-  return query_layout(dh, lkp, true).total <= limit && key_layout(dh).total <= limit;
+  if (query_layout(dh, lkp, true).total > limit || key_layout(dh).total > limit) return TcSupport::kSharedMemory;
+  return TcSupport::kSupported;
 }
 
 cudaError_t concept_attention_forward_tc(const AttentionArgs& args, void* out, float* lse, cudaStream_t stream) {

@@ -6,6 +6,14 @@
 // returns the log-sum-exp of each query row (B, H, Lq) in the accumulation dtype instead of the
 // attention matrix; the backward recomputes the probabilities from it. A row whose keys are all
 // padding has out = 0, lse = -inf and gets no gradient.
+//
+// `backend` picks the kernel family: an op argument (not an environment variable read per call), so
+// torch.compile sees it in the graph and the Python context manager oclear_ext.concept_attention_backend
+// only sets the default the wrapper passes.
+//   "auto"         the verified kernels: CPU kernels on CPU, CUDA-core kernels on CUDA;
+//   "cuda_core"    the CUDA-core kernels (CUDA tensors only);
+//   "tensor_core"  the WMMA tensor-core kernels (CUDA, bf16 / fp16, Dh in {16, 32, 64}, Lk <= 256, sm_80+);
+//                  opt-in until a GPU run verifies them; where they do not apply the op raises.
 // oclear_ext/_ops/concept_attention.py registers the fake kernels and the autograd formula.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -24,7 +32,6 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "../cuda/concept_attention.cuh"
-#include "cuda_glue.h"
 #endif
 
 namespace oclear {
@@ -32,6 +39,25 @@ namespace {
 
 constexpr const char* kOp = "oclear_ext.concept_attention: ";
 constexpr int64_t kMaxHeadDim = 256;
+
+enum class Backend { kAuto, kCudaCore, kTensorCore };
+
+// The backend argument, checked against q's device (CPU tensors have one kernel family: "auto").
+Backend parse_backend(c10::string_view name, const at::Tensor& q) {
+  Backend b;
+  if (name == "auto") {
+    b = Backend::kAuto;
+  } else if (name == "cuda_core") {
+    b = Backend::kCudaCore;
+  } else if (name == "tensor_core") {
+    b = Backend::kTensorCore;
+  } else {
+    TORCH_CHECK_VALUE(false, kOp, "backend must be one of 'auto', 'cuda_core', 'tensor_core', got '", name, "'");
+  }
+  TORCH_CHECK_VALUE(b == Backend::kAuto || q.is_cuda(), kOp, "backend='", name,
+                    "' selects CUDA kernels, but q is on ", q.device(), " (CPU tensors take backend='auto')");
+  return b;
+}
 
 void check_attention_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 4, kOp, name, " must be a 4-D tensor (batch, heads, length, head_dim), got shape ",
@@ -101,17 +127,20 @@ void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, cons
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                               const std::optional<at::Tensor>& key_padding_mask, double scale) {
+                                               const std::optional<at::Tensor>& key_padding_mask, double scale,
+                                               c10::string_view backend) {
   check_problem(q, k, v, key_padding_mask, scale);
+  parse_backend(backend, q);
   return cpu::concept_attention_forward(q, k, v, key_padding_mask, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out, const at::Tensor& lse, double scale,
-    bool need_grad_q, bool need_grad_k, bool need_grad_v) {
+    bool need_grad_q, bool need_grad_k, bool need_grad_v, c10::string_view backend) {
   check_problem(q, k, v, key_padding_mask, scale);
   check_backward_inputs(grad_out, q, k, out, lse);
+  parse_backend(backend, q);
   return cpu::concept_attention_backward(grad_out, q, k, v, key_padding_mask, out, lse, scale, need_grad_q,
                                          need_grad_k, need_grad_v);
 }
@@ -152,24 +181,51 @@ cuda::AttentionArgs cuda_args(const at::Tensor& q, const at::Tensor& k, const at
   a.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   a.scale = static_cast<float>(scale);
   a.dtype = cuda_dtype(q.scalar_type());
-  // OCLEAR_CUDA_ATTENTION_TC=1: the tensor-core kernels where they apply (bf16 / fp16 WMMA needs sm_80+).
-  // Opt-in until a GPU run has verified them; read at every call, like the other CUDA debug switches.
-  if (cuda_glue::env_flag("OCLEAR_CUDA_ATTENTION_TC", false)) {
-    int major = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
-    a.tensor_cores = major >= 8;
-  }
   return a;
 }
 
+// backend="tensor_core": the WMMA kernels, or an error that names why they do not apply here (never a
+// silent fall-back: a user who asks for them is measuring or testing them).
+void require_tensor_cores(const cuda::AttentionArgs& a, const at::Tensor& q) {
+  const cuda::TcSupport support = cuda::concept_attention_tc_support(a);
+  constexpr const char* kTc = "backend='tensor_core' ";
+  switch (support) {
+    case cuda::TcSupport::kSupported:
+      return;
+    case cuda::TcSupport::kDtype:
+      TORCH_CHECK_TYPE(false, kOp, kTc, "needs bfloat16 or float16 q, k and v, got ", q.scalar_type(),
+                       " (the CUDA-core kernels, backend='auto', take float32)");
+    case cuda::TcSupport::kHeadDim:
+      TORCH_CHECK_VALUE(false, kOp, kTc, "needs head_dim (q.size(3)) in {16, 32, 64}, got ", a.dh);
+    case cuda::TcSupport::kKeyCount:
+      TORCH_CHECK_VALUE(false, kOp, kTc, "keeps whole key rows in shared memory: it needs 1 <= keys (k.size(2)) <= 256, got ",
+                        a.lk);
+    case cuda::TcSupport::kSharedMemory:
+      TORCH_CHECK_VALUE(false, kOp, kTc, "keeps whole key rows in shared memory: ", a.lk, " keys at head_dim ", a.dh,
+                        " do not fit the per-block shared memory of ", q.device());
+    case cuda::TcSupport::kArchitecture: {
+      int major = 0, minor = 0;
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.device().index()));
+      TORCH_CHECK(false, kOp, kTc, "needs a GPU of compute capability 8.0 or newer and a build with sm_80+ code for it; ",
+                  q.device(), " is sm_", major, minor);
+    }
+    case cuda::TcSupport::kDeviceQuery:
+      break;
+  }
+  TORCH_CHECK(false, kOp, kTc, "could not query ", q.device(), "'s attributes (shared memory, compute capability)");
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                                                const std::optional<at::Tensor>& key_padding_mask, double scale) {
+                                                const std::optional<at::Tensor>& key_padding_mask, double scale,
+                                                c10::string_view backend_name) {
   check_problem(q_in, k_in, v_in, key_padding_mask, scale);
+  const Backend backend = parse_backend(backend_name, q_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = cpu::rows_contiguous(q_in), k = cpu::rows_contiguous(k_in);
   const at::Tensor v = cpu::rows_contiguous(v_in);
   const at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
-  const cuda::AttentionArgs a = cuda_args(q, k, v, mask, scale);
+  cuda::AttentionArgs a = cuda_args(q, k, v, mask, scale);
   at::Tensor out = at::empty({a.batch, a.heads, a.lq, a.dh}, q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty({a.batch, a.heads, a.lq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
@@ -178,6 +234,9 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at
     lse.fill_(-INFINITY);
     return {out, lse};
   }
+  // Checked where a kernel runs: an empty problem launches none, whatever the backend.
+  if (backend == Backend::kTensorCore) require_tensor_cores(a, q);
+  a.tensor_cores = backend == Backend::kTensorCore;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
   C10_CUDA_CHECK(cuda::concept_attention_forward(a, out.data_ptr(), lse.data_ptr<float>(), stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -187,17 +246,20 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out_in, const at::Tensor& lse_in,
-    double scale, bool need_grad_q, bool need_grad_k, bool need_grad_v) {
+    double scale, bool need_grad_q, bool need_grad_k, bool need_grad_v, c10::string_view backend_name) {
   check_problem(q_in, k_in, v_in, key_padding_mask, scale);
   check_backward_inputs(grad_out_in, q_in, k_in, out_in, lse_in);
+  const Backend backend = parse_backend(backend_name, q_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = cpu::rows_contiguous(q_in), k = cpu::rows_contiguous(k_in);
   const at::Tensor v = cpu::rows_contiguous(v_in);
   const at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
-  const cuda::AttentionArgs a = cuda_args(q, k, v, mask, scale);
+  cuda::AttentionArgs a = cuda_args(q, k, v, mask, scale);
   at::Tensor grad_q, grad_k, grad_v;
   std::tie(grad_q, grad_k, grad_v) = cpu::empty_grads(q, k, v, need_grad_q, need_grad_k, need_grad_v);
   if (q.numel() == 0 || k.numel() == 0) return {grad_q, grad_k, grad_v};  // zero gradients
+  if (backend == Backend::kTensorCore) require_tensor_cores(a, q);
+  a.tensor_cores = backend == Backend::kTensorCore;
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor out = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
@@ -229,16 +291,17 @@ std::string cpu_isa() { return cpu::concept_attention_isa(); }
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(oclear, m) {
-  m.def("concept_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale) -> "
-        "(Tensor out, Tensor lse)",
+  m.def("concept_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale, "
+        "str backend=\"auto\") -> (Tensor out, Tensor lse)",
         {at::Tag::pt2_compliant_tag});
   m.def(
       "concept_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, "
-      "Tensor out, Tensor lse, float scale, bool need_grad_q, bool need_grad_k, bool need_grad_v) -> "
-      "(Tensor grad_q, Tensor grad_k, Tensor grad_v)",
+      "Tensor out, Tensor lse, float scale, bool need_grad_q, bool need_grad_k, bool need_grad_v, "
+      "str backend=\"auto\") -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)",
       {at::Tag::pt2_compliant_tag});
-  // Which CPU instruction set the kernels use (for benchmarks and tests of every code path).
-  m.def("concept_attention_cpu_isa() -> str", &cpu_isa);
+  // Introspection (leading underscore: not API): which CPU instruction set the kernels use, for
+  // benchmarks and the tests of every code path.
+  m.def("_concept_attention_cpu_isa() -> str", &cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(oclear, CPU, m) {

@@ -11,7 +11,9 @@ class ConceptAttention(nn.Module):
     """Multi-head cross-attention (nn.MultiheadAttention-like, batch first) on oclear_ext.concept_attention.
 
     Keys and values of batch size 1 are a memory shared by the whole batch (e.g. a learnable concept
-    memory): they are projected once and broadcast by the op, never expanded per batch element.
+    memory): they are projected once and broadcast by the op, never expanded per batch element. The op runs
+    the kernel family set by oclear_ext.concept_attention_backend (default "auto"); under torch.autocast the
+    projections and the attention run in the autocast dtype.
 
     Args:
         dim: model dimension D of the queries and of the output; divisible by num_heads, D / num_heads <= 256.
