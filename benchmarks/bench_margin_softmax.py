@@ -69,18 +69,11 @@ def other_fused_losses() -> dict:
 
 
 def with_class_chunk(fn, t: int):
-    """fn run with the CUDA glue forced to t classes per chunk (OCLEAR_CUDA_CLASS_CHUNK)."""
+    """fn run with t classes per chunk (the ops' class_chunk argument, through oclear_ext.margin_softmax_options)."""
 
     def call():
-        old = os.environ.get("OCLEAR_CUDA_CLASS_CHUNK")
-        os.environ["OCLEAR_CUDA_CLASS_CHUNK"] = str(t)
-        try:
+        with oclear_ext.margin_softmax_options(class_chunk=t):
             return fn()
-        finally:
-            if old is None:
-                del os.environ["OCLEAR_CUDA_CLASS_CHUNK"]
-            else:
-                os.environ["OCLEAR_CUDA_CLASS_CHUNK"] = old
 
     return call
 
@@ -293,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="skip a variant whose time per call, extrapolated from the previous size, exceeds this (s)")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
     parser.add_argument("--chunks", type=int, nargs="*", default=[],
-                        help="CUDA only: also time the fused op at these classes-per-chunk (OCLEAR_CUDA_CLASS_CHUNK)")
+                        help="CUDA only: also time the fused op at these classes-per-chunk (the class_chunk argument)")
     parser.add_argument("--out", default=common.RESULTS_DIR, help="folder for the JSON and PNG (default %(default)s)")
     args = parser.parse_args(argv)
 

@@ -38,43 +38,43 @@ def check_finite(name: str, *tensors: torch.Tensor) -> None:
 def margin_softmax_calls(device: torch.device) -> int:
     calls = 0
     g = torch.Generator(device="cpu").manual_seed(0)
-    os.environ["OCLEAR_CUDA_CLASS_CHUNK"] = "13"  # several chunks on tiny problems
     for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        for n, c, d, class_start in ((17, 50, 24, 0), (1, 40, 7, 0), (9, 31, 33, 20)):
-            num_classes = class_start + c + 5
-            x = torch.randn(n, d, generator=g).to(device, dtype)
-            w_store = torch.randn(d, c + 3, generator=g).to(device, dtype)
-            w = w_store.t()[1:c + 1]  # strided rows: the kernels read the weight in place
-            labels = torch.randint(class_start, class_start + c, (n,), generator=g)
-            labels[: min(n, 3)] = torch.tensor([class_start, class_start + 12, class_start + 13])[: min(n, 3)]
-            if n > 4:
-                labels[4] = -100
-                labels[3] = num_classes - 1  # outside this block
-            labels = labels.to(device)
-            for settings in (MarginSettings(32.0, (1.0, 0.5, 0.0), "exact", 0.4),
-                             MarginSettings(64.0, (1.0, 0.0, 0.35)),
-                             MarginSettings(16.0, (1.7, 0.1, 0.05), "straight_through")):
-                args = (class_start, num_classes, *settings.op_args())
-                lse, target, w_inv = FORWARD(x, w, labels, *args)
-                check_finite("forward", lse, target, w_inv)
-                gl = torch.rand(n, device=device, dtype=lse.dtype)
-                for need_x, need_w in ((True, True), (True, False), (False, True)):
-                    gx, gw = BACKWARD(gl, -gl, x, w, labels, lse, w_inv, *args, need_x, need_w)
-                    check_finite("backward", gx, gw)
-                    calls += 1
-        # The public loss end to end, default chunking, and an empty batch.
-        del os.environ["OCLEAR_CUDA_CLASS_CHUNK"]
-        x = torch.randn(5, 16, device=device, dtype=dtype, requires_grad=True)
-        w = torch.randn(300, 16, device=device, dtype=dtype, requires_grad=True)
-        loss = oclear_ext.margin_softmax_loss(x, w, torch.tensor([0, 299, 150, -100, 7], device=device))
-        loss.backward()
-        check_finite("loss", loss, x.grad, w.grad)
+        with oclear_ext.margin_softmax_options(class_chunk=13):  # several chunks on tiny problems
+            for n, c, d, class_start in ((17, 50, 24, 0), (1, 40, 7, 0), (9, 31, 33, 20)):
+                num_classes = class_start + c + 5
+                x = torch.randn(n, d, generator=g).to(device, dtype)
+                w_store = torch.randn(d, c + 3, generator=g).to(device, dtype)
+                w = w_store.t()[1:c + 1]  # strided rows: the kernels read the weight in place
+                labels = torch.randint(class_start, class_start + c, (n,), generator=g)
+                labels[: min(n, 3)] = torch.tensor([class_start, class_start + 12, class_start + 13])[: min(n, 3)]
+                if n > 4:
+                    labels[4] = -100
+                    labels[3] = num_classes - 1  # outside this block
+                labels = labels.to(device)
+                for settings in (MarginSettings(32.0, (1.0, 0.5, 0.0), "exact", 0.4),
+                                 MarginSettings(64.0, (1.0, 0.0, 0.35)),
+                                 MarginSettings(16.0, (1.7, 0.1, 0.05), "straight_through")):
+                    args = (class_start, num_classes, *settings.op_args())
+                    lse, target, w_inv = FORWARD(x, w, labels, *args)
+                    check_finite("forward", lse, target, w_inv)
+                    gl = torch.rand(n, device=device, dtype=lse.dtype)
+                    for need_x, need_w in ((True, True), (True, False), (False, True)):
+                        gx, gw = BACKWARD(gl, -gl, x, w, labels, lse, w_inv, *args, need_x, need_w)
+                        check_finite("backward", gx, gw)
+                        calls += 1
+        # The public loss end to end, default chunking, and an empty batch; 16-bit also beside an fp32 weight.
+        weights = (dtype, torch.float32) if dtype in (torch.bfloat16, torch.float16) else (dtype,)
+        for w_dtype in weights:
+            x = torch.randn(5, 16, device=device, dtype=dtype, requires_grad=True)
+            w = torch.randn(300, 16, device=device, dtype=w_dtype, requires_grad=True)
+            loss = oclear_ext.margin_softmax_loss(x, w, torch.tensor([0, 299, 150, -100, 7], device=device))
+            loss.backward()
+            check_finite("loss", loss, x.grad, w.grad)
+            calls += 1
         empty = oclear_ext.margin_softmax_loss(x[:0].detach(), w.detach(), torch.zeros(0, dtype=torch.long, device=device),
                                                reduction="none")
         assert empty.shape == (0,)
-        os.environ["OCLEAR_CUDA_CLASS_CHUNK"] = "13"
-        calls += 2
-    del os.environ["OCLEAR_CUDA_CLASS_CHUNK"]
+        calls += 1
     # The label check kernel with a bad label: the error is expected.
     x = torch.randn(4, 8, device=device)
     w = torch.randn(10, 8, device=device)
@@ -91,8 +91,7 @@ def class_topk_calls(device: torch.device) -> int:
     """hardest_classes on CUDA: the normalisation kernel plus the glue's chunked ATen merge."""
     calls = 0
     g = torch.Generator(device="cpu").manual_seed(1)
-    os.environ["OCLEAR_CUDA_CLASS_CHUNK"] = "13"
-    try:
+    with oclear_ext.margin_softmax_options(class_chunk=13):
         for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             x = torch.randn(7, 12, generator=g).to(device, dtype)
             w = torch.randn(12, 90, generator=g).to(device, dtype).t()  # strided rows
@@ -101,8 +100,6 @@ def class_topk_calls(device: torch.device) -> int:
                 assert ids.shape == (k,) and not set(ids.tolist()) & set(exclude)
                 check_finite("class_topk", scores)
                 calls += 1
-    finally:
-        del os.environ["OCLEAR_CUDA_CLASS_CHUNK"]
     return calls
 
 

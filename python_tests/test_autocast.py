@@ -132,3 +132,35 @@ def test_opcheck_and_compile_under_autocast():
     for a, b in zip(eager, compiled):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_class_chunk_and_check_labels_are_arguments_and_a_block_default():
+    from oclear_ext._ops.options import current_options
+
+    x, w, labels = make_inputs(9, 700, 6, seed=4)
+    base = oclear_ext.margin_softmax_loss(x, w, labels)
+    for chunk in (1, 7, 256):  # the result does not depend on the chunking
+        torch.testing.assert_close(oclear_ext.margin_softmax_loss(x, w, labels, class_chunk=chunk), base)
+    with oclear_ext.margin_softmax_options(class_chunk=5, check_labels=False):
+        assert current_options().class_chunk == 5 and not current_options().check_labels
+        torch.testing.assert_close(oclear_ext.margin_softmax_loss(x, w, labels), base)
+        # unchecked: a label outside [0, C) matches no class (a row without a target), memory-safe
+        bad = labels.clone()
+        bad[0] = 10**9
+        assert torch.isfinite(oclear_ext.margin_softmax_loss(x, w, bad, reduction="none")).all()
+        with pytest.raises(IndexError, match=r"labels\[0\] = 1000000000 is out of range"):
+            oclear_ext.margin_softmax_loss(x, w, bad, check_labels=True)  # the call's argument wins
+    assert current_options().class_chunk is None and current_options().check_labels
+    with pytest.raises(IndexError, match=r"labels\[0\] = 1000000000 is out of range"):
+        oclear_ext.margin_softmax_loss(x, w, bad)
+    with pytest.raises(ValueError, match=r"class_chunk must be a positive int or None \(automatic\), got 0"):
+        oclear_ext.margin_softmax_loss(x, w, labels, class_chunk=0)
+    with pytest.raises(ValueError, match="margin_softmax_options: class_chunk must be a positive int"):
+        with oclear_ext.margin_softmax_options(class_chunk=-3):
+            pass
+    head = oclear_ext.nn.MarginSoftmaxLoss(700, 6, class_chunk=3, check_labels=False)
+    assert head.settings.op_args()[-2:] == (3, False)
+    scores, ids = oclear_ext.hardest_classes(x, w, 4)
+    scores_chunked, ids_chunked = oclear_ext.hardest_classes(x, w, 4, class_chunk=3)
+    torch.testing.assert_close(scores, scores_chunked)
+    torch.testing.assert_close(ids, ids_chunked)

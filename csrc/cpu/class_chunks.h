@@ -16,7 +16,8 @@ namespace oclear::cpu {
 // Classes per chunk: large enough for the GEMMs to run at full rate on all threads, small enough
 // for the N x T chunk of logits (2 MiB in float32) to stay in cache between the GEMM that writes it
 // and the epilogue that reads it.
-inline int64_t chunk_classes(int64_t n) {
+inline int64_t chunk_classes(int64_t n, int64_t forced = 0) {
+  if (forced > 0) return forced;  // the op's class_chunk argument (tests cross chunk edges with tiny chunks)
   constexpr int64_t kChunkElements = 512 * 1024;
   const int64_t t = kChunkElements / std::max<int64_t>(n, 1);
   return std::clamp<int64_t>(t / 64 * 64, 256, 4096);

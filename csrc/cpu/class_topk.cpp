@@ -35,7 +35,7 @@ void column_max(const acc_t* s, int64_t n, int64_t t, acc_t* col_max) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> class_topk(const at::Tensor& embeddings, const at::Tensor& weight_in,
-                                              const at::Tensor& exclude_in, int64_t k) {
+                                              const at::Tensor& exclude_in, int64_t k, int64_t class_chunk) {
   const int64_t n = embeddings.size(0);
   const int64_t d = embeddings.size(1);
   const int64_t c_local = weight_in.size(0);
@@ -44,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor> class_topk(const at::Tensor& embeddings, cons
   const at::Tensor weight = weight_in.contiguous();
   const at::Tensor exclude = exclude_in.contiguous();
   const Normalized xn = normalize_rows(embeddings, acc);
-  const int64_t chunk = chunk_classes(n);
+  const int64_t chunk = chunk_classes(n, class_chunk);
   at::Tensor values = at::empty({k}, acc_opts);
   at::Tensor ids = at::empty({k}, embeddings.options().dtype(at::kLong));
 

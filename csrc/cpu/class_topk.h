@@ -9,8 +9,8 @@ namespace oclear::cpu {
 
 // Per class c of `weight`, score_c = max over rows i of cos(x_i, w_c); returns the k best classes that
 // are not in `exclude` (sorted class ids of this weight block), best first: (scores (k,) acc dtype,
-// class ids (k,) int64, local to the block).
+// class ids (k,) int64, local to the block). class_chunk: classes per chunk (0 = automatic).
 std::tuple<at::Tensor, at::Tensor> class_topk(const at::Tensor& embeddings, const at::Tensor& weight,
-                                              const at::Tensor& exclude, int64_t k);
+                                              const at::Tensor& exclude, int64_t k, int64_t class_chunk = 0);
 
 }  // namespace oclear::cpu

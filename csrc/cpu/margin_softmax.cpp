@@ -68,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward(
   const at::Tensor weight = weight_in.contiguous();
   const at::Tensor labels = labels_in.contiguous();
   const Normalized xn = normalize_rows(embeddings, acc);
-  const int64_t chunk = chunk_classes(n);
+  const int64_t chunk = chunk_classes(n, args.class_chunk);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, embeddings.scalar_type(), "oclear::margin_softmax_forward", [&] {
@@ -125,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward(
   const at::Tensor grad_lse = grad_lse_in.to(acc).contiguous();
   const at::Tensor grad_target = grad_target_in.to(acc).contiguous();
   const Normalized xn = normalize_rows(embeddings, acc);
-  const int64_t chunk = chunk_classes(n);
+  const int64_t chunk = chunk_classes(n, args.class_chunk);
   at::Tensor grad_x_hat = need_grad_embeddings ? at::zeros({n, d}, acc_opts) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(

@@ -14,6 +14,7 @@ struct MarginSoftmaxArgs {
   int64_t class_start;   // global id of weight row 0 (the shard's first class)
   int64_t ignore_index;  // rows with this label carry no target and (upstream) no gradient
   MarginParams<double> margin;
+  int64_t class_chunk = 0;  // classes per chunk; 0 = chosen from N (chunk_classes)
 };
 
 // Per-row statistics over the weight rows this call holds:

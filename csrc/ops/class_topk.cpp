@@ -22,7 +22,8 @@ void check_float_matrix(const at::Tensor& t, const char* name) {
 }  // namespace
 
 void check_class_topk(const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& exclude,
-                      int64_t k) {
+                      int64_t k, int64_t class_chunk) {
+  TORCH_CHECK_VALUE(class_chunk >= 0, kOp, "class_chunk must be >= 0 (0 = automatic), got ", class_chunk);
   check_float_matrix(embeddings, "embeddings");
   check_float_matrix(weight, "weight");
   TORCH_CHECK_TYPE(cpu::compatible_weight_dtype(embeddings.scalar_type(), weight.scalar_type()), kOp,
@@ -57,15 +58,16 @@ void check_class_topk(const at::Tensor& embeddings, const at::Tensor& weight, co
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> class_topk_cpu(const at::Tensor& embeddings, const at::Tensor& weight,
-                                                  const at::Tensor& exclude, int64_t k) {
-  check_class_topk(embeddings, weight, exclude, k);
-  return cpu::class_topk(embeddings, weight, exclude, k);
+                                                  const at::Tensor& exclude, int64_t k, int64_t class_chunk) {
+  check_class_topk(embeddings, weight, exclude, k, class_chunk);
+  return cpu::class_topk(embeddings, weight, exclude, k, class_chunk);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(oclear, m) {
-  m.def("class_topk(Tensor embeddings, Tensor weight, Tensor exclude, int k) -> (Tensor scores, Tensor class_ids)",
+  m.def("class_topk(Tensor embeddings, Tensor weight, Tensor exclude, int k, int class_chunk=0) -> "
+        "(Tensor scores, Tensor class_ids)",
         {at::Tag::pt2_compliant_tag});
 }
 

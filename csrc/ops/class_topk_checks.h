@@ -9,6 +9,6 @@ namespace oclear {
 // Shapes, dtypes, devices and k; `exclude`'s values (ids in range, sorted, unique) are checked here
 // only when it lives on the CPU (the CUDA glue checks them on the device).
 void check_class_topk(const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& exclude,
-                      int64_t k);
+                      int64_t k, int64_t class_chunk);
 
 }  // namespace oclear

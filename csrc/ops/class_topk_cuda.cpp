@@ -57,8 +57,8 @@ at::Tensor candidate_order(const at::Tensor& score_key, const at::Tensor& ids, c
 }
 
 std::tuple<at::Tensor, at::Tensor> class_topk_cuda(const at::Tensor& embeddings, const at::Tensor& weight,
-                                                   const at::Tensor& exclude_in, int64_t k) {
-  check_class_topk(embeddings, weight, exclude_in, k);
+                                                   const at::Tensor& exclude_in, int64_t k, int64_t class_chunk_arg) {
+  check_class_topk(embeddings, weight, exclude_in, k, class_chunk_arg);
   const c10::cuda::CUDAGuard guard(embeddings.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor exclude = exclude_in.contiguous();
@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> class_topk_cuda(const at::Tensor& embeddings,
   if (k == 0) return {at::empty({0}, acc_opts), at::empty({0}, id_opts)};
 
   const Normalized xn = normalize_rows(embeddings, acc, stream, kOp);
-  const int64_t chunk = class_chunk(n, d, c, kOp);
+  const int64_t chunk = class_chunk(n, d, c, class_chunk_arg);
   at::Tensor scores = new_buffer({n * chunk}, acc_opts);
   const double inf = std::numeric_limits<double>::infinity();
   at::Tensor best_score = at::empty({0}, acc_opts), best_key = at::empty({0}, acc_opts);

@@ -61,14 +61,10 @@ inline at::Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& opt
 // forward+backward 53.8 / 30.1 / 25.0 / 23.3 / 21.4 / 20.7 ms at T = 2K / 4K / 8K / 16K / 32K / 64K, extra
 // memory 29 / 45 / 77 / 141 / 269 / 525 MiB. Keeping the scores in L2 (small chunks) did not pay: the
 // host's few ATen calls and launches per chunk did. 32K takes most of the gain at half 64K's memory.
-// OCLEAR_CUDA_CLASS_CHUNK=T forces T (the sweep and the tests, which cross chunk edges, use it).
-// A T x D float32 buffer of the backward is held to the same size.
-inline int64_t class_chunk(int64_t n, int64_t d, int64_t c_local, const char* op) {
-  if (const char* v = std::getenv("OCLEAR_CUDA_CLASS_CHUNK")) {
-    const long long forced = std::atoll(v);
-    TORCH_CHECK_VALUE(forced > 0, op, "OCLEAR_CUDA_CLASS_CHUNK must be a positive integer, got '", v, "'");
-    return std::min<int64_t>(forced, c_local);
-  }
+// forced > 0 (the ops' class_chunk argument) takes T = forced (the sweep and the tests, which cross
+// chunk edges, use it). A T x D float32 buffer of the backward is held to the same size.
+inline int64_t class_chunk(int64_t n, int64_t d, int64_t c_local, int64_t forced) {
+  if (forced > 0) return std::min<int64_t>(forced, c_local);
   constexpr int64_t kChunkElements = int64_t(32) << 20;
   int64_t t = std::min(kChunkElements / std::max<int64_t>(n, 1), kChunkElements / std::max<int64_t>(d, 1));
   t = std::max<int64_t>(t / 256 * 256, 256);

@@ -37,7 +37,8 @@ cpu::MarginSoftmaxArgs check_problem(const at::Tensor& embeddings, const at::Ten
                                      const at::Tensor& labels, int64_t class_start,
                                      int64_t num_classes, double scale, double m1, double m2,
                                      double m3, std::optional<double> interclass_filter,
-                                     int64_t ignore_index, bool straight_through) {
+                                     int64_t ignore_index, bool straight_through, int64_t class_chunk,
+                                     bool check_labels) {
   check_float_matrix(embeddings, "embeddings");
   check_float_matrix(weight, "weight");
   TORCH_CHECK_TYPE(cpu::compatible_weight_dtype(embeddings.scalar_type(), weight.scalar_type()), kOp,
@@ -65,8 +66,9 @@ cpu::MarginSoftmaxArgs check_problem(const at::Tensor& embeddings, const at::Ten
   const std::string margin_error = margin_settings_error(
       scale, m1, m2, m3, interclass_filter.has_value(), interclass_filter.value_or(0.0));
   TORCH_CHECK_VALUE(margin_error.empty(), kOp, margin_error);
+  TORCH_CHECK_VALUE(class_chunk >= 0, kOp, "class_chunk must be >= 0 (0 = automatic), got ", class_chunk);
 
-  if (labels.device().is_cpu()) {
+  if (check_labels && labels.device().is_cpu()) {
     const at::Tensor lab = labels.contiguous();
     const int64_t* p = lab.data_ptr<int64_t>();
     for (int64_t i = 0; i < lab.numel(); ++i) {
@@ -78,7 +80,8 @@ cpu::MarginSoftmaxArgs check_problem(const at::Tensor& embeddings, const at::Ten
   return cpu::MarginSoftmaxArgs{
       class_start, ignore_index,
       make_margin_params(scale, m1, m2, m3, interclass_filter.has_value(),
-                         interclass_filter.value_or(0.0), straight_through)};
+                         interclass_filter.value_or(0.0), straight_through),
+      class_chunk};
 }
 
 void check_row_vector(const at::Tensor& t, int64_t n, at::ScalarType acc, const char* name) {
@@ -93,10 +96,11 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
     int64_t class_start, int64_t num_classes, double scale, double m1, double m2, double m3,
-    std::optional<double> interclass_filter, int64_t ignore_index, bool straight_through) {
+    std::optional<double> interclass_filter, int64_t ignore_index, bool straight_through,
+    int64_t class_chunk, bool check_labels) {
   const cpu::MarginSoftmaxArgs args =
       check_problem(embeddings, weight, labels, class_start, num_classes, scale, m1, m2, m3,
-                    interclass_filter, ignore_index, straight_through);
+                    interclass_filter, ignore_index, straight_through, class_chunk, check_labels);
   return cpu::margin_softmax_forward(embeddings, weight, labels, args);
 }
 
@@ -105,10 +109,11 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& lse,
     const at::Tensor& weight_inv_norm, int64_t class_start, int64_t num_classes, double scale,
     double m1, double m2, double m3, std::optional<double> interclass_filter, int64_t ignore_index,
-    bool straight_through, bool need_grad_embeddings, bool need_grad_weight) {
+    bool straight_through, int64_t class_chunk, bool check_labels, bool need_grad_embeddings,
+    bool need_grad_weight) {
   const cpu::MarginSoftmaxArgs args =
       check_problem(embeddings, weight, labels, class_start, num_classes, scale, m1, m2, m3,
-                    interclass_filter, ignore_index, straight_through);
+                    interclass_filter, ignore_index, straight_through, class_chunk, check_labels);
   const at::ScalarType acc = at::toOpMathType(embeddings.scalar_type());
   const int64_t n = embeddings.size(0);
   check_row_vector(grad_lse, n, acc, "grad_lse");
@@ -126,15 +131,16 @@ TORCH_LIBRARY_FRAGMENT(oclear, m) {
   m.def(
       "margin_softmax_forward(Tensor embeddings, Tensor weight, Tensor labels, int class_start, "
       "int num_classes, float scale, float m1, float m2, float m3, float? interclass_filter, "
-      "int ignore_index, bool straight_through) -> (Tensor lse, Tensor target_logit, "
+      "int ignore_index, bool straight_through, int class_chunk=0, bool check_labels=True) -> "
+      "(Tensor lse, Tensor target_logit, "
       "Tensor weight_inv_norm)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "margin_softmax_backward(Tensor grad_lse, Tensor grad_target, Tensor embeddings, "
       "Tensor weight, Tensor labels, Tensor lse, Tensor weight_inv_norm, int class_start, "
       "int num_classes, float scale, float m1, float m2, float m3, float? interclass_filter, "
-      "int ignore_index, bool straight_through, bool need_grad_embeddings, "
-      "bool need_grad_weight) -> (Tensor grad_embeddings, Tensor grad_weight)",
+      "int ignore_index, bool straight_through, int class_chunk, bool check_labels, "
+      "bool need_grad_embeddings, bool need_grad_weight) -> (Tensor grad_embeddings, Tensor grad_weight)",
       {at::Tag::pt2_compliant_tag});
 }
 

@@ -17,11 +17,10 @@
 // inputs, outputs and gradients is O(N x T + T x D + N x D), independent of C.
 // The kernels are in csrc/cuda/margin_softmax.cu (raw pointers, no torch headers).
 //
-// Debug / test switches (read at every call; not for production):
-//   OCLEAR_CUDA_CLASS_CHUNK=T   force T classes per chunk (tests use tiny chunks to cross edges)
-//   OCLEAR_CUDA_POISON=1        fill every output and scratch buffer with NaN before the kernels,
-//                               so an element a kernel fails to write shows up as NaN
-//   OCLEAR_CUDA_LABEL_CHECK=0   skip the label range check (see check_labels_on_device)
+// Op arguments: class_chunk (classes per chunk, 0 = automatic) and check_labels (the label range check,
+// one synchronisation; see check_labels_on_device). Debug switch (read at every call; not for
+// production): OCLEAR_CUDA_POISON=1 fills every output and scratch buffer with NaN before the kernels,
+// so an element a kernel fails to write shows up as NaN.
 #ifdef OCLEAR_WITH_CUDA
 
 #include <ATen/ATen.h>
@@ -53,11 +52,11 @@ void check_launch(bool dispatched, const char* what) { cuda_glue::check_launch(d
 // whatever the labels (a label is only ever compared with the chunk's class range, never used as
 // an address), so this check is about a clear error, not safety. It costs one device-to-host read
 // (a stream synchronisation) per call; it is skipped while the stream is being captured into a
-// CUDA graph (a sync is illegal there) and with OCLEAR_CUDA_LABEL_CHECK=0.
+// CUDA graph (a sync is illegal there) and with the op's check_labels=False.
 void check_labels_on_device(const at::Tensor& labels, int64_t num_classes, int64_t ignore_index,
                             cudaStream_t stream) {
   const int64_t n = labels.numel();
-  if (n == 0 || !env_flag("OCLEAR_CUDA_LABEL_CHECK", true)) return;
+  if (n == 0) return;
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   if (capture != cudaStreamCaptureStatusNone) return;
@@ -76,14 +75,15 @@ void check_labels_on_device(const at::Tensor& labels, int64_t num_classes, int64
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels_in,
     int64_t class_start, int64_t num_classes, double scale, double m1, double m2, double m3,
-    std::optional<double> interclass_filter, int64_t ignore_index, bool straight_through) {
+    std::optional<double> interclass_filter, int64_t ignore_index, bool straight_through, int64_t class_chunk_arg,
+    bool check_labels) {
   const cpu::MarginSoftmaxArgs args = check_problem(embeddings, weight, labels_in, class_start, num_classes,
                                                     scale, m1, m2, m3, interclass_filter, ignore_index,
-                                                    straight_through);
+                                                    straight_through, class_chunk_arg, check_labels);
   const c10::cuda::CUDAGuard guard(embeddings.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor labels = labels_in.contiguous();
-  check_labels_on_device(labels, num_classes, ignore_index, stream);
+  if (check_labels) check_labels_on_device(labels, num_classes, ignore_index, stream);
 
   const int64_t n = embeddings.size(0), d = embeddings.size(1), c_local = weight.size(0);
   const at::ScalarType acc = at::toOpMathType(embeddings.scalar_type());
@@ -102,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   }
 
   const Normalized xn = normalize_rows(embeddings, acc, stream, kOp);
-  const int64_t chunk = class_chunk(n, d, c_local, kOp);
+  const int64_t chunk = class_chunk(n, d, c_local, args.class_chunk);
   at::Tensor scores = new_buffer({n * chunk}, acc_opts);
   at::Tensor row_max = new_buffer({n}, acc_opts);
   at::Tensor row_sum = new_buffer({n}, acc_opts);
@@ -127,10 +127,11 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& weight, const at::Tensor& labels_in, const at::Tensor& lse_in,
     const at::Tensor& w_inv_in, int64_t class_start, int64_t num_classes, double scale, double m1,
     double m2, double m3, std::optional<double> interclass_filter, int64_t ignore_index,
-    bool straight_through, bool need_grad_embeddings, bool need_grad_weight) {
+    bool straight_through, int64_t class_chunk_arg, bool check_labels, bool need_grad_embeddings,
+    bool need_grad_weight) {
   const cpu::MarginSoftmaxArgs args = check_problem(embeddings, weight, labels_in, class_start, num_classes,
                                                     scale, m1, m2, m3, interclass_filter, ignore_index,
-                                                    straight_through);
+                                                    straight_through, class_chunk_arg, check_labels);
   const at::ScalarType acc = at::toOpMathType(embeddings.scalar_type());
   const int64_t n = embeddings.size(0), d = embeddings.size(1), c_local = weight.size(0);
   check_row_vector(grad_lse_in, n, acc, "grad_lse");
@@ -144,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(
   const c10::cuda::CUDAGuard guard(embeddings.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor labels = labels_in.contiguous();
-  check_labels_on_device(labels, num_classes, ignore_index, stream);
+  if (check_labels) check_labels_on_device(labels, num_classes, ignore_index, stream);
 
   const cuda::Dtype dtype = to_dtype(embeddings.scalar_type());
   const cuda::Dtype acc_dtype = to_dtype(acc);
@@ -164,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(
   const at::Tensor grad_lse = grad_lse_in.contiguous();
   const at::Tensor grad_target = grad_target_in.contiguous();
   const Normalized xn = normalize_rows(embeddings, acc, stream, kOp);
-  const int64_t chunk = class_chunk(n, d, c_local, kOp);
+  const int64_t chunk = class_chunk(n, d, c_local, args.class_chunk);
   const bool low_precision = embeddings.scalar_type() != acc;
 
   at::Tensor scores = new_buffer({n * chunk}, acc_opts);

@@ -6,10 +6,11 @@ import torch
 from torch import Tensor
 
 from .autocast import register_weight_preserving_autocast
+from .options import current_options
 
 
 @torch.library.register_fake("oclear::class_topk")
-def _class_topk_fake(embeddings, weight, exclude, k):
+def _class_topk_fake(embeddings, weight, exclude, k, class_chunk=0):
     acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     return embeddings.new_empty(k, dtype=acc), embeddings.new_empty(k, dtype=torch.long)
 
@@ -17,7 +18,8 @@ def _class_topk_fake(embeddings, weight, exclude, k):
 register_weight_preserving_autocast("oclear::class_topk", torch.ops.oclear.class_topk)
 
 
-def hardest_classes(embeddings: Tensor, weight: Tensor, k: int, *, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def hardest_classes(embeddings: Tensor, weight: Tensor, k: int, *, exclude: Tensor | None = None,
+                    class_chunk: int | None = None) -> tuple[Tensor, Tensor]:
     """The k classes whose centres come closest to any row of the batch, without materialising N x C.
 
     score_c = max_i cos(embeddings_i, weight_c); classes in `exclude` (e.g. the batch's positives) are
@@ -30,6 +32,8 @@ def hardest_classes(embeddings: Tensor, weight: Tensor, k: int, *, exclude: Tens
             embeddings (rounded to their dtype chunk by chunk); under autocast only the embeddings are cast.
         k: how many classes, 0 <= k <= C - len(unique(exclude)).
         exclude: int64 class ids in [0, C), any order, duplicates allowed.
+        class_chunk: classes per chunk of the kernel's class loop (None: the oclear_ext.margin_softmax_options
+            block's, automatic by default); the result does not depend on it.
     Returns:
         (scores (k,) float32 (float64 for float64 inputs), class ids (k,) int64), best first.
     """
@@ -38,4 +42,5 @@ def hardest_classes(embeddings: Tensor, weight: Tensor, k: int, *, exclude: Tens
     elif exclude.dtype == torch.long:
         exclude = torch.unique(exclude)  # sorted, no duplicates: what the kernel walks along the chunks
     with torch.no_grad():
-        return torch.ops.oclear.class_topk(embeddings, weight, exclude, k)
+        chunk = class_chunk if class_chunk is not None else current_options().class_chunk
+        return torch.ops.oclear.class_topk(embeddings, weight, exclude, k, chunk or 0)

@@ -18,7 +18,9 @@ class MarginSoftmaxLoss(nn.Module):
     With `negatives` (RandomNegatives / TopKNegatives) each forward runs over the batch's positives plus the
     sampled negatives, and keeps their sorted ids in `self.active_classes` (for an optimizer that updates
     only those rows). sparse_grad=True then makes weight.grad a sparse tensor of the active rows instead of
-    a dense num_classes x D one.
+    a dense num_classes x D one. class_chunk and check_labels are margin_softmax_loss's (None: the enclosing
+    oclear_ext.margin_softmax_options block's); check_labels=False drops the CUDA label check's host sync.
+    Under torch.autocast the embeddings run in the autocast dtype and an fp32 weight stays fp32.
     """
 
     def __init__(
@@ -34,6 +36,8 @@ class MarginSoftmaxLoss(nn.Module):
         reduction: str = "mean",
         negatives: Negatives | None = None,
         sparse_grad: bool = False,
+        class_chunk: int | None = None,
+        check_labels: bool | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -41,7 +45,8 @@ class MarginSoftmaxLoss(nn.Module):
         for name, value in (("num_classes", num_classes), ("embedding_dim", embedding_dim)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"MarginSoftmaxLoss: {name} must be a positive int, got {value!r}")
-        self.settings = MarginSettings(scale, margin, arcface_grad, interclass_filter, ignore_index)
+        self.settings = MarginSettings(scale, margin, arcface_grad, interclass_filter, ignore_index, class_chunk,
+                                       check_labels)
         check_reduction(reduction)
         self.reduction = reduction
         self.negatives = negatives

@@ -1,0 +1,52 @@
+"""Defaults of the class-walking ops' tuning arguments, set for a block of code.
+
+    with oclear_ext.margin_softmax_options(class_chunk=4096, check_labels=False):
+        loss = head(embeddings, labels)          # every margin softmax / hardest_classes call in the block
+
+In the style of torch.nn.attention.sdpa_kernel: a context manager (also usable as a decorator) that
+changes what the Python wrappers pass to the ops as arguments, so torch.compile sees the values as
+constants of the traced call (it recompiles if they change) and no C++ code reads global state. An
+argument given to a call (margin_softmax_loss(..., class_chunk=...)) wins over the block's default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+
+_UNSET = object()
+
+
+@dataclass(frozen=True)
+class ClassLoopOptions:
+    class_chunk: int | None = None   # classes per chunk of the kernels' class loop; None = chosen from N, D
+    check_labels: bool = True        # range-check labels (on CUDA: one host synchronisation per call)
+
+
+_current = ClassLoopOptions()
+
+
+def current_options() -> ClassLoopOptions:
+    return _current
+
+
+@contextlib.contextmanager
+def margin_softmax_options(*, class_chunk=_UNSET, check_labels=_UNSET):
+    """Sets the default class_chunk (a positive int, or None for automatic) and check_labels (bool) of the
+    margin softmax ops and hardest_classes inside the block; nested blocks restore the outer values."""
+    global _current
+    changes = {}
+    if class_chunk is not _UNSET:
+        if class_chunk is not None and (not isinstance(class_chunk, int) or isinstance(class_chunk, bool) or class_chunk < 1):
+            raise ValueError(f"margin_softmax_options: class_chunk must be a positive int or None, got {class_chunk!r}")
+        changes["class_chunk"] = class_chunk
+    if check_labels is not _UNSET:
+        if not isinstance(check_labels, bool):
+            raise TypeError(f"margin_softmax_options: check_labels must be a bool, got {check_labels!r}")
+        changes["check_labels"] = check_labels
+    outer = _current
+    _current = replace(outer, **changes)
+    try:
+        yield _current
+    finally:
+        _current = outer
