@@ -84,6 +84,23 @@ def _uniform_classes(num_classes: int, count: int, taken: Tensor, generator, dev
 LOCAL_IGNORE = -1
 
 
+GRAPH_BREAK_REASON = ("the active class set's size depends on the labels' values: the negative sampling runs "
+                      "eagerly, the gather and the loss around it compile")
+
+
+def _eager(fn):
+    """torch.compiler.disable with the reason shown in the graph-break message (torch >= 2.9 takes one)."""
+    try:
+        return torch.compiler.disable(fn, reason=GRAPH_BREAK_REASON)
+    except TypeError:
+        return torch.compiler.disable(fn)
+
+
+# The active set's size depends on the labels' values (and top-k sorts by scores): torch.compile cannot trace
+# it into a graph of static shapes, so the selection is one deliberate graph break, and everything around it
+# (gathering the active rows, the loss and its backward) compiles. torch.compile(fullgraph=True) of a
+# sampled loss therefore raises; compile without fullgraph.
+@_eager
 def active_classes(
     negatives: Negatives, embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int
 ) -> Tensor:
@@ -93,8 +110,11 @@ def active_classes(
     placeholder (the loss of such a batch is 0 whatever the classes).
     """
     valid = labels != ignore_index
-    # Score against the rows that carry a label (ignored rows may be padding), or all rows if none does.
-    scoring_rows = embeddings[valid] if bool(valid.any()) else embeddings
+    # Ignored rows (possibly padding) must not score: each takes the first labelled row's place (a repeated
+    # row leaves every column max unchanged), chosen on the device without reading `valid` back to the host.
+    # With no labelled row at all the choice does not matter: such a batch's loss is 0.
+    first = torch.argmax(valid.to(torch.uint8))
+    scoring_rows = torch.where(valid[:, None], embeddings, embeddings[first])
     ids = sample_active(negatives, scoring_rows, weight, torch.unique(labels[valid]))
     return ids if ids.numel() else torch.zeros(1, dtype=torch.long, device=labels.device)
 
