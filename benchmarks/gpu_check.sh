@@ -68,7 +68,7 @@ run_build() {
 run_test() {
   local tests parallel=()
   # shellcheck disable=SC2206
-  tests=(${GPU_CHECK_TESTS:-$REPO/python_tests/test_*_cuda.py})
+  tests=(${GPU_CHECK_TESTS:-$REPO/python_tests/test_*_cuda.py $REPO/python_tests/test_autocast.py})
   "$PY" -c "import xdist" 2> /dev/null && parallel=(-n 8)
   # From $OUT: `import oclear_ext` must find the installed package, not the unbuilt source tree.
   (cd "$OUT" && timeout "$(limit 300)" "$PY" -m pytest "${tests[@]}" "${parallel[@]}" -q -rs -p no:cacheprovider \
