@@ -23,6 +23,8 @@ from dist_workers import (
 from hypothesis import given
 from hypothesis import strategies as st
 
+from torch.distributed.tensor import Shard
+
 from oclear_ext import RandomNegatives, TopKNegatives, reference
 from oclear_ext.distributed import load_sharded, partition, read_index, save_sharded
 from oclear_ext.nn import MarginSoftmaxLoss, ShardedMarginClassifier
@@ -35,16 +37,15 @@ RTOL, ATOL = 1e-10, 1e-12
 
 
 @given(num_classes=st.integers(1, 500), world_size=st.integers(1, 16))
-def test_partition_is_contiguous_balanced_and_complete(num_classes, world_size):
-    if world_size > num_classes:
-        with pytest.raises(ValueError, match="cannot fill"):
-            partition(num_classes, world_size)
-        return
+def test_partition_is_contiguous_complete_and_dtensors_shard_layout(num_classes, world_size):
     shards = partition(num_classes, world_size)
     assert len(shards) == world_size and shards[0].start == 0 and shards[-1].stop == num_classes
     assert all(a.stop == b.start for a, b in zip(shards, shards[1:]))
-    sizes = [len(s) for s in shards]
-    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+    # DTensor's Shard(0) layout is torch.chunk's, padded with empty shards: what DCP and state_dict assume.
+    chunks = [len(c) for c in torch.arange(num_classes).chunk(world_size)]
+    assert [len(s) for s in shards] == chunks + [0] * (world_size - len(chunks))
+    for rank, s in enumerate(shards):
+        assert Shard.local_shard_size_and_offset(num_classes, world_size, rank) == (len(s), s.start)
 
 
 @pytest.mark.parametrize("bad", [(0, 2), (10, 0), (3.5, 1), (True, 1)])
@@ -77,11 +78,13 @@ def single_process(cfg, world_size):
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_sharded_equals_single_process(world_size):
-    # Uneven shards (37 and 101 classes do not divide by 2, 3, 4), ignored rows, three margin settings.
+    # Uneven shards (37 and 101 classes do not divide by 2, 3, 4), ignored rows, three margin settings; 9
+    # classes at world 4 leave the last rank an empty shard (3, 3, 3, 0).
     configs = [
         dict(n_local=5, num_classes=37, dim=6, seed=1, settings=COSFACE),
         dict(n_local=3, num_classes=101, dim=9, seed=2, settings=ARCFACE),
         dict(n_local=4, num_classes=37, dim=5, seed=3, settings=COMBINED_FILTERED),
+        dict(n_local=2, num_classes=9, dim=4, seed=8, settings=COSFACE),
     ]
     per_rank = run_ranks(sharded_loss_and_grads, world_size, configs)
     for k, cfg in enumerate(configs):
@@ -92,6 +95,9 @@ def test_sharded_equals_single_process(world_size):
         torch.testing.assert_close(torch.cat([r["grad_x"] for r in results]), grad_x, rtol=RTOL, atol=ATOL)
         shards = [r["shard"] for r in results]
         assert shards == [(s.start, s.stop) for s in partition(cfg["num_classes"], world_size)]
+        # The weight is a DTensor and the gradient reached it as one (dense, Shard(0)), equal to the
+        # single-process gradient's rows.
+        assert all(r["weight_is_dtensor"] and r["grad_type"] == ("DTensor", False) for r in results)
         torch.testing.assert_close(torch.cat([r["grad_w"] for r in results]), grad_w, rtol=RTOL, atol=ATOL)
 
 
@@ -113,12 +119,16 @@ def sampled_reference(cfg, world_size, active):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_sharded_sampling_per_shard(world_size):
     # Each shard samples among its own classes; the loss is the margin softmax over the union of the
-    # shards' active sets. count=0 leaves shards without positives empty (they contribute nothing).
-    topk, rate, empty = TopKNegatives(4), RandomNegatives(rate=0.3), RandomNegatives(count=0)
+    # shards' active sets. count=0 leaves shards without positives empty (they contribute nothing). Top-9 of
+    # 25 classes at world 3 (shards 9, 9, 7): the small shard offers all of its classes. 4 classes at world 3
+    # leave the last shard without classes (2, 2, 0).
+    topk, rate, empty, big_k = TopKNegatives(4), RandomNegatives(rate=0.3), RandomNegatives(count=0), TopKNegatives(9)
     configs = [
         dict(n_local=4, num_classes=61, dim=6, seed=4, settings=dict(COSFACE, negatives=topk, sparse_grad=True)),
         dict(n_local=3, num_classes=50, dim=5, seed=5, settings=dict(ARCFACE, negatives=rate)),
         dict(n_local=2, num_classes=90, dim=4, seed=6, settings=dict(COSFACE, negatives=empty, sparse_grad=True)),
+        dict(n_local=3, num_classes=25, dim=5, seed=9, settings=dict(COSFACE, negatives=big_k, sparse_grad=True)),
+        dict(n_local=2, num_classes=4, dim=4, seed=10, settings=dict(ARCFACE, negatives=empty, sparse_grad=True)),
     ]
     per_rank = run_ranks(sharded_loss_and_grads, world_size, configs)
     for k, cfg in enumerate(configs):
@@ -133,13 +143,18 @@ def test_sharded_sampling_per_shard(world_size):
             mine = r["active"]
             assert torch.isin(positives, mine).all() and ((mine >= start) & (mine < stop)).all()
             negatives = cfg["settings"]["negatives"]
-            if negatives is topk:
-                _, hard = reference.hardest_classes(x[valid], w[start:stop], 4, exclude=positives - start)
+            if isinstance(negatives, TopKNegatives):
+                k = min(negatives.k, stop - start - positives.numel())
+                _, hard = reference.hardest_classes(x[valid], w[start:stop], k, exclude=positives - start)
                 assert torch.equal(mine, torch.sort(torch.cat([positives, hard + start])).values)
             elif negatives is rate:
                 assert mine.numel() == max(positives.numel(), math.ceil(0.3 * (stop - start)))
             else:
                 assert torch.equal(mine, positives)
+        # sparse_grad: the row-sparse gradient lands on the plain local rows (a DTensor has no sparse layout),
+        # without rows on a shard with no active class; dense: on the DTensor. Every rank gets one.
+        expected_type = ("Tensor", True) if cfg["settings"].get("sparse_grad") else ("DTensor", False)
+        assert all(r["grad_type"] == expected_type for r in results)
         loss, grad_x, grad_w = sampled_reference(cfg, world_size, active)
         for r in results:
             torch.testing.assert_close(r["loss"], loss, rtol=RTOL, atol=ATOL)
@@ -218,17 +233,33 @@ def test_kill_during_save_leaves_a_consistent_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_example_trains_and_checkpoints(tmp_path):
+@pytest.mark.parametrize("encoder_flag", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_torchrun_example_trains_and_checkpoints(tmp_path, encoder_flag):
     import re
     import subprocess
     import sys
 
+    import torch.distributed.checkpoint as dcp
+
+    from oclear_ext.examples.hybrid_parallel import make_encoder
+
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "oclear_ext.examples.hybrid_parallel", "--classes", "300", "--steps", "100", "--batch", "32",
-           "--checkpoint", str(tmp_path)]
+           "--checkpoint", str(tmp_path), *encoder_flag]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", proc.stdout)]
     assert len(losses) == 3 and losses[-1] < 0.5 * losses[0], proc.stdout
-    assert read_index(str(tmp_path))["world_size"] == 2
+    # The DCP checkpoint of 2 ranks loads in one process (no process group) and holds the trained model: it
+    # classifies a fresh batch of the example's synthetic data about as well as at the end of training.
+    encoder = make_encoder(64, 128)
+    classifier = ShardedMarginClassifier(300, 128, scale=32.0, margin=(1.0, 0.3, 0.0))
+    state = {"encoder": encoder.state_dict(), "classifier": classifier.state_dict()}
+    dcp.load(state, checkpoint_id=str(tmp_path), no_dist=True)
+    centres = torch.randn(300, 64, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(99)
+    labels = torch.randint(0, 300, (256,), generator=g)
+    with torch.no_grad():
+        loss = classifier(encoder(centres[labels] + 0.5 * torch.randn(256, 64, generator=g)), labels).item()
+    assert loss < 0.5 * losses[0], (loss, losses)

@@ -10,6 +10,11 @@ files carry a fresh checkpoint id, and index.json (which names them) is replaced
 A crash at any point leaves the previous index and the files it names intact. Files of older checkpoints
 are removed only after the new index is in place. Loading re-shards: any world size can read any
 checkpoint, each rank reading only the files that overlap its rows.
+
+The classifier's weight alone also saves and re-shards with torch.distributed.checkpoint (it is a DTensor);
+this format remains for what DCP cannot re-shard: the per-row state of the row-sparse optimizers, which
+step on the plain local rows (a DTensor cannot carry a row-sparse gradient), saved beside the weight by
+oclear_ext.train's checkpoints.
 """
 
 from __future__ import annotations
@@ -111,4 +116,7 @@ def load_sharded(directory: str, shard: range, num_classes: int | None = None) -
         covered = hi
     if covered != shard.stop and len(shard) > 0:
         raise ValueError(f"load_sharded: the checkpoint in {directory} does not cover rows {shard}")
+    if len(shard) == 0:  # an empty shard (partition leaves trailing ones empty): no file overlaps it
+        return {name: torch.empty(0, *meta["row_shape"], dtype=getattr(torch, meta["dtype"]))
+                for name, meta in index["tensors"].items()}
     return {name: torch.cat(parts) for name, parts in pieces.items()}

@@ -8,6 +8,10 @@ holds only the path through its own class shard. Hence:
   already identical on every rank (same L, same replicated graph downstream) -> identity, no traffic.
   (The textbook rule "backward of all_reduce is all_reduce" would count every rank's replica of L and
   multiply the gradient by the world size.)
+- taking this rank's rows of such a replicated (P n,) tensor (reduction="none"): each rank then
+  backpropagates its own function of its own rows, so the objective is the sum over ranks of those, and
+  its gradient with respect to the replicated tensor is the concatenation of every rank's gradient of its
+  rows -> all-gather. That makes the upstream gradient identical on every rank again, as the rule above needs.
 """
 
 from __future__ import annotations
@@ -71,6 +75,19 @@ class _SumReplicated(torch.autograd.Function):
         return grad, None
 
 
+class _OwnRowsOfReplicated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, full: Tensor, group) -> Tensor:
+        world, rank = _world(group)
+        n = full.shape[0] // world
+        ctx.group = group
+        return full[rank * n : (rank + 1) * n].clone()
+
+    @staticmethod
+    def backward(ctx, grad_own: Tensor):
+        return all_gather_rows(grad_own, ctx.group), None
+
+
 def gather_rows_with_grad(local: Tensor, group=None) -> Tensor:
     """all_gather whose backward reduce-scatters the gradient (see the module docstring)."""
     return _GatherRows.apply(local, group)
@@ -79,6 +96,12 @@ def gather_rows_with_grad(local: Tensor, group=None) -> Tensor:
 def sum_replicated_with_grad(local: Tensor, group=None) -> Tensor:
     """all_reduce(SUM) feeding a loss replicated on every rank: its backward is the identity."""
     return _SumReplicated.apply(local, group)
+
+
+def own_rows_of_replicated(full: Tensor, group=None) -> Tensor:
+    """This rank's block (n, ...) of a (world * n, ...) tensor replicated on every rank; its backward
+    all-gathers the ranks' gradients (see the module docstring). Collective in the backward."""
+    return _OwnRowsOfReplicated.apply(full, group)
 
 
 def all_reduce_max(t: Tensor, group=None) -> Tensor:

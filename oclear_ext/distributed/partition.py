@@ -1,25 +1,20 @@
-"""Contiguous class shards for the class-sharded (model-parallel) classifier."""
+"""Contiguous class shards for the class-sharded (model-parallel) classifier: DTensor's Shard(0) layout."""
 
 from __future__ import annotations
 
 
 def partition(num_classes: int, world_size: int) -> list[range]:
-    """Splits classes [0, num_classes) into `world_size` contiguous shards whose sizes differ by at most 1.
+    """Splits classes [0, num_classes) into `world_size` contiguous shards, exactly as DTensor's Shard(0) does.
 
-    The first `num_classes % world_size` shards get one class more. Every class is in exactly one shard.
-    Each shard must hold at least one class (an empty shard has no softmax statistics to contribute).
+    The layout is torch.chunk's, which DTensor (and so state_dict() resharding and torch.distributed.checkpoint)
+    assumes for a tensor sharded on dim 0: every shard holds ceil(num_classes / world_size) classes except the
+    last non-empty one, which holds the rest; trailing shards may be empty (e.g. 9 classes over 4 ranks:
+    3, 3, 3, 0). A rank with an empty shard still takes part in every collective (its shard contributes
+    exp(-inf) = 0 to the softmax sums). Shards differ from a balanced split by less than world_size classes,
+    nothing at real class counts. Every class is in exactly one shard.
     """
     for name, value in (("num_classes", num_classes), ("world_size", world_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"partition: {name} must be a positive int, got {value!r}")
-    if world_size > num_classes:
-        raise ValueError(
-            f"partition: {num_classes} classes cannot fill {world_size} shards (every shard needs at least one class)"
-        )
-    base, extra = divmod(num_classes, world_size)
-    shards, start = [], 0
-    for rank in range(world_size):
-        size = base + (1 if rank < extra else 0)
-        shards.append(range(start, start + size))
-        start += size
-    return shards
+    chunk = -(-num_classes // world_size)  # ceil
+    return [range(min(rank * chunk, num_classes), min((rank + 1) * chunk, num_classes)) for rank in range(world_size)]

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..distributed import load_sharded, save_sharded
+from ..distributed.dtensor import like_rows_of, local_rows
 from ..distributed.sharded_softmax import world_and_rank
 
 LATEST = "latest"
@@ -45,13 +46,15 @@ def _split_row_state(state: dict, rows: int) -> tuple[dict, dict]:
 
 def _classifier_param(classifier, classifier_optimizer) -> Tensor:
     """The classifier's weight, checked to be the one parameter its optimizer holds: the checkpoint stores
-    that parameter's per-row state sharded by class, and every other optimizer state whole."""
+    that parameter's per-row state sharded by class, and every other optimizer state whole. The weight the
+    optimizer steps on is classifier.trainable_weight: the (DTensor) weight, or its plain local rows when
+    the gradient is row-sparse in a process group."""
     params = [p for group in classifier_optimizer.param_groups for p in group["params"]]
-    if len(params) != 1 or params[0] is not classifier.weight:
+    if len(params) != 1 or params[0] is not classifier.trainable_weight:
         raise ValueError(f"checkpoint: the classifier optimizer must hold exactly the classifier weight "
                          f"(its per-row state is saved sharded by class), got {len(params)} parameter(s)"
-                         + ("" if len(params) != 1 else " that is not classifier.weight"))
-    return classifier.weight
+                         + ("" if len(params) != 1 else " that is not classifier.trainable_weight"))
+    return classifier.trainable_weight
 
 
 def rng_state(generators: dict[str, torch.Generator]) -> dict:
@@ -81,8 +84,10 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model, classifier, optimi
         tmp.mkdir(parents=True)
     _barrier()
     weight = _classifier_param(classifier, classifier_optimizer)
-    row_state, other_state = _split_row_state(classifier_optimizer.state.get(weight, {}), weight.shape[0])
-    rows = {"weight": weight.detach(), **{f"optim.{k}": v for k, v in row_state.items()}}
+    # This rank's rows as plain tensors: a DTensor weight's optimizer state is DTensors of the same layout.
+    state = {k: local_rows(v) for k, v in classifier_optimizer.state.get(weight, {}).items()}
+    row_state, other_state = _split_row_state(state, len(classifier.shard))
+    rows = {"weight": local_rows(weight.detach()), **{f"optim.{k}": v for k, v in row_state.items()}}
     save_sharded(str(tmp / "classifier"), rows, classifier.shard, classifier.num_classes)
     torch.save(rng_state(generators), tmp / f"rank-{rank}.pt")
     if rank == 0:
@@ -138,10 +143,10 @@ def load_checkpoint(path: str | Path, *, model, classifier, optimizer, classifie
         scheduler.load_state_dict(saved)
     rows = load_sharded(str(folder / "classifier"), classifier.shard, classifier.num_classes)
     with torch.no_grad():
-        weight.copy_(rows.pop("weight"))
+        local_rows(weight).copy_(rows.pop("weight"))
     saved_opt = state["classifier_optimizer"]
     param_state = dict(saved_opt["state"])
-    param_state.update({k.removeprefix("optim."): v.to(device) for k, v in rows.items()})
+    param_state.update({k.removeprefix("optim."): like_rows_of(v.to(device), weight) for k, v in rows.items()})
     classifier_optimizer.load_state_dict({"state": {0: param_state} if param_state else {},
                                           "param_groups": saved_opt["param_groups"]})
     rank_file = folder / f"rank-{rank}.pt"

@@ -83,11 +83,12 @@ def build_optimizers(config: TrainConfig, model, classifier, sampled: bool):
     if config.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
         cls_type = RowSparseSGD if sampled else torch.optim.SGD
-        cls_opt = cls_type([classifier.weight], lr=cls_lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        cls_opt = cls_type([classifier.trainable_weight], lr=cls_lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         cls_type = RowSparseAdamW if sampled else torch.optim.AdamW
-        cls_opt = cls_type([classifier.weight], lr=cls_lr, weight_decay=config.weight_decay)
+        cls_opt = cls_type([classifier.trainable_weight], lr=cls_lr, weight_decay=config.weight_decay)
     return opt, cls_opt
 
 
