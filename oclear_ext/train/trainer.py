@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import RandomNegatives, TopKNegatives
+from .._ops.options import margin_softmax_options
 from ..data.dataset import ManifestDataset, collate
 from ..data.image_check import check_manifest_images
 from ..data.manifest import load_manifest
@@ -121,9 +122,16 @@ def batch_loss(model, classifier, images: torch.Tensor, texts: list, is_query: t
     """
     with autocast or contextlib.nullcontext():
         out = model(images, texts, is_query, text_keep=text_keep, return_text=bool(text_loss_weight))
+    # Labels come from the training ClassIndex, valid by construction: no label range check (on CUDA it would
+    # read a flag back to the host, a stream synchronisation, in every forward and backward).
+    with margin_softmax_options(check_labels=False):
+        return _classifier_loss(classifier, out, labels, images.shape[0], text_loss_weight)
+
+
+def _classifier_loss(classifier, out, labels: torch.Tensor, n: int, text_loss_weight: float
+                     ) -> tuple[torch.Tensor, Callable[[], None]]:
     rows = out if not text_loss_weight else torch.cat(out[:2])
     leaf = rows.detach().float().requires_grad_()  # the classifier's backward stops here
-    n = images.shape[0]
     loss = classifier(leaf[:n], labels)
     if text_loss_weight:
         ignore = torch.full_like(labels, classifier.settings.ignore_index)
@@ -134,7 +142,7 @@ def batch_loss(model, classifier, images: torch.Tensor, texts: list, is_query: t
             classifier.weight.requires_grad_(True)
 
     def backward() -> None:
-        loss.backward()
+        loss.backward()  # the backward op takes the forward's settings (check_labels too) from its context
         rows.backward(leaf.grad.to(rows.dtype))
 
     return loss, backward
