@@ -14,6 +14,12 @@ from ..data.dataset import ManifestDataset, collate, pil_to_tensor
 from ..data.manifest import Manifest, ManifestItem
 
 
+def model_device(model: Any) -> torch.device:
+    """Where the model's parameters live (CPU for an embedding function without parameters)."""
+    params = model.parameters() if hasattr(model, "parameters") else iter(())
+    return next(iter(params), torch.empty(0)).device
+
+
 class ImageReadError(ValueError):
     """A query image that cannot be decoded; the message names it."""
 
@@ -51,7 +57,7 @@ def embed_query_images(model: Any, images: Any, batch_size: int = 64) -> np.ndar
             raise ValueError("embed_query_images: images must be a sequence (a list of paths), not one path")
         decoded = [read_image(x, model.image_size) for x in images]
         batches = [torch.stack(decoded[i:i + batch_size]) for i in range(0, len(decoded), batch_size)]
-    device = next(iter(model.parameters())).device if hasattr(model, "parameters") else torch.device("cpu")
+    device = model_device(model)
     out = [F.normalize(model.embed_queries(b.to(device)).float(), dim=1).cpu() for b in batches]
     dim = getattr(getattr(model, "config", None), "dim", 0)
     return torch.cat(out).numpy() if out else np.zeros((0, dim), np.float32)
@@ -66,7 +72,7 @@ def embed_catalog_docs(manifest: Manifest, model: Any, batch_size: int = 256, nu
         raise ValueError(f"embed_catalog_docs: {manifest.path} has no doc rows to index")
     dataset = ManifestDataset(manifest, image_size=model.image_size, roles=("doc",))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
-    device = next(iter(model.parameters())).device if hasattr(model, "parameters") else torch.device("cpu")
+    device = model_device(model)
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..cli_errors import run_cli
 from .batching import MicroBatcher
 from .catalog_index import CatalogIndex
-from .embedding import ImageReadError, read_image
+from .embedding import ImageReadError, model_device, read_image
 from .load_model import load_model
 
 SERVE_HINT = "oclear-serve needs fastapi, uvicorn and python-multipart: pip install 'oclear_ext[serve]'"
@@ -67,8 +67,7 @@ class SearchService:
     @torch.no_grad()
     def _search_images(self, items: Sequence[tuple[torch.Tensor, int]]) -> list[list[dict]]:
         images = torch.stack([image for image, _ in items])
-        device = next(iter(self.model.parameters())).device
-        q = F.normalize(self.model.embed_queries(images.to(device)).float(), dim=1).cpu().numpy()
+        q = F.normalize(self.model.embed_queries(images.to(model_device(self.model))).float(), dim=1).cpu().numpy()
         return self._search(q, [k for _, k in items])
 
     def _search_vectors(self, items: Sequence[tuple[np.ndarray, int]]) -> list[list[dict]]:
