@@ -33,13 +33,17 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path | None]:
     return checkpoint, run_dir if (run_dir / CONFIG_FILE).is_file() else None
 
 
+# Model settings added after configs were first saved; a config without them means their default.
+SETTINGS_WITH_LEGACY_DEFAULT = ("composed_queries", "query_composition")
+
+
 def _model_config(saved: dict, source: str) -> ModelConfig:
     names = {f.name for f in fields(ModelConfig)}
-    missing = sorted(names - set(saved))
+    missing = sorted(names - set(saved) - set(SETTINGS_WITH_LEGACY_DEFAULT))
     if missing:
         raise ValueError(f"load_model: {source} lacks the model settings {missing}")
     try:
-        return ModelConfig(**{name: saved[name] for name in names})
+        return ModelConfig(**{name: saved[name] for name in names if name in saved})
     except (TypeError, ValueError) as err:
         raise ValueError(f"load_model: {source}: {err}") from None
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ..models.registry import IMAGE_ENCODERS, TEXT_ENCODERS
+from ..nn.query_composer import MODES as COMPOSITION_MODES
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
@@ -33,6 +34,11 @@ class TrainConfig:
     image_size: int = 32
     text_dropout: float = 0.8               # training: a doc's text is dropped with this probability
     text_loss_weight: float = 1.0           # fusion: weight of the text loss (what a doc's text adds classifies; 0 = off)
+    # composed queries: query rows with a "modifier" text (reference image + modifier -> target class)
+    composed_queries: bool = False          # build the query composer (nn.QueryComposer)
+    query_composition: str = "adaptive"     # adaptive | sum | text | image (the last three: baselines)
+    composition_weight_loss: float = 1.0    # adaptive: weight of the self-supervised loss on the per-query weight
+    composition_temperature: float = 1.0    # adaptive: its targets are sigmoid((loss(text) - loss(image)) / T)
     # classifier
     scale: float = 32.0
     margin: tuple[float, float, float] = (1.0, 0.0, 0.3)
@@ -75,7 +81,7 @@ class TrainConfig:
                 raise ValueError(f"config: {name} must be an integer >= 0, got {value!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise ValueError(f"config: max_steps must be a positive integer or unset, got {self.max_steps!r}")
-        for name in ("lr", "momentum", "weight_decay", "scale", "text_loss_weight"):
+        for name in ("lr", "momentum", "weight_decay", "scale", "text_loss_weight", "composition_weight_loss"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"config: {name} must be a finite number >= 0, got {value!r}")
@@ -83,12 +89,17 @@ class TrainConfig:
             raise ValueError(f"config: lr and classifier_lr must be > 0, got {self.lr}, {self.classifier_lr}")
         if not 0.0 <= self.text_dropout < 1.0:
             raise ValueError(f"config: text_dropout must be in [0, 1), got {self.text_dropout}")
+        if not (isinstance(self.composition_temperature, (int, float)) and math.isfinite(self.composition_temperature)
+                and self.composition_temperature > 0):
+            raise ValueError(f"config: composition_temperature must be a finite number > 0, "
+                             f"got {self.composition_temperature!r}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"config: grad_clip must be > 0 or unset, got {self.grad_clip}")
         if self.dim % self.num_heads:
             raise ValueError(f"config: dim = {self.dim} must be divisible by num_heads = {self.num_heads}")
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("image_encoder", IMAGE_ENCODERS),
-                              ("text_encoder", TEXT_ENCODERS), ("device", ("auto", "cpu", "cuda"))):
+                              ("text_encoder", TEXT_ENCODERS), ("device", ("auto", "cpu", "cuda")),
+                              ("query_composition", COMPOSITION_MODES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
         self.negatives_spec()  # validates the string

@@ -10,6 +10,7 @@ metrics.jsonl and evaluates retrieval on the validation manifest every eval_ever
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from ..distributed import ddp_sum_gradients
 from ..distributed.sharded_softmax import world_and_rank
 from ..models import ModelConfig, OclearModel
 from ..nn import ShardedMarginClassifier
+from ..nn.query_composer import weight_loss, weight_targets
 from ..optim import RowSparseAdamW, RowSparseSGD
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -103,8 +105,17 @@ def text_keep_mask(n: int, rate: float, seed: int, step: int, rank: int) -> torc
     return torch.rand(n, generator=gen) >= rate
 
 
+@dataclasses.dataclass(frozen=True)
+class CompositionLoss:
+    """The self-supervised loss on composed queries' adaptive weights (nn.query_composer.weight_targets)."""
+
+    weight: float
+    temperature: float
+
+
 def batch_loss(model, classifier, images: torch.Tensor, texts: list, is_query: torch.Tensor, labels: torch.Tensor,
-               text_keep: torch.Tensor, text_loss_weight: float = 0.0, autocast=None
+               text_keep: torch.Tensor, text_loss_weight: float = 0.0, autocast=None,
+               modifiers: list | None = None, composition: CompositionLoss | None = None
                ) -> tuple[torch.Tensor, Callable[[], None]]:
     """(loss, backward): classifier(embeddings of the mixed batch) + text_loss_weight * classifier(text embeddings).
 
@@ -119,17 +130,55 @@ def batch_loss(model, classifier, images: torch.Tensor, texts: list, is_query: t
     backward() runs the classifier's backward (its collectives, the same on every rank) to completion
     before the model's, whose DDP gradient all-reduces would otherwise interleave with them in an order
     that depends on which rank's docs have text. `autocast` (a context manager) covers the model only.
+
+    modifiers: the query rows' modifier texts (composed queries). With `composition`, the adaptive weights of
+    the composed rows are pulled towards their self-supervised targets (composition_targets), a model-side
+    loss added to the classifier's.
     """
     with autocast or contextlib.nullcontext():
-        out = model(images, texts, is_query, text_keep=text_keep, return_text=bool(text_loss_weight))
+        out = model(images, texts, is_query, text_keep=text_keep, return_text=bool(text_loss_weight),
+                    modifiers=modifiers, return_query_parts=True)
+    *out, parts = out
+    out = out[0] if len(out) == 1 else tuple(out)
     # Labels come from the training ClassIndex, valid by construction: no label range check (on CUDA it would
     # read a flag back to the host, a stream synchronisation, in every forward and backward).
     with margin_softmax_options(check_labels=False):
-        return _classifier_loss(classifier, out, labels, images.shape[0], text_loss_weight)
+        extra = None
+        if composition is not None and composition.weight:
+            extra = composition_loss(classifier, parts, labels, images.shape[0], composition.temperature)
+            extra = None if extra is None else composition.weight * extra
+        return _classifier_loss(classifier, out, labels, images.shape[0], text_loss_weight, extra)
 
 
-def _classifier_loss(classifier, out, labels: torch.Tensor, n: int, text_loss_weight: float
-                     ) -> tuple[torch.Tensor, Callable[[], None]]:
+def composition_loss(classifier, parts: dict | None, labels: torch.Tensor, n: int, temperature: float
+                     ) -> torch.Tensor | None:
+    """BCE of the composed rows' adaptive weights against sigmoid((loss(text part) - loss(image part)) / T).
+
+    The per-row losses of each part alone come from the classifier itself (no gradient, the full softmax:
+    negatives sampling is off for these calls and the step's sampled classes are kept). Every rank calls
+    the classifier with all n rows, composed or not (non-composed rows are ignored), so the sharded head's
+    collectives see the same shapes everywhere.
+    """
+    if parts is None:
+        return None  # no composed row in this batch
+    rows = parts["rows"]
+    ignore = torch.full_like(labels, classifier.settings.ignore_index)
+    part_labels = ignore.index_copy(0, rows, labels[rows])
+    losses = []
+    saved = classifier.reduction, classifier.negatives, classifier.active_classes
+    classifier.reduction, classifier.negatives = "none", None
+    try:
+        with torch.no_grad():
+            for name in ("image", "text"):
+                x = torch.zeros(n, parts[name].shape[1], device=labels.device).index_copy(0, rows, parts[name].float())
+                losses.append(classifier(x, part_labels)[rows])
+    finally:
+        classifier.reduction, classifier.negatives, classifier.active_classes = saved
+    return weight_loss(parts["alpha"], weight_targets(*losses, temperature=temperature))
+
+
+def _classifier_loss(classifier, out, labels: torch.Tensor, n: int, text_loss_weight: float,
+                     model_loss: torch.Tensor | None = None) -> tuple[torch.Tensor, Callable[[], None]]:
     rows = out if not text_loss_weight else torch.cat(out[:2])
     leaf = rows.detach().float().requires_grad_()  # the classifier's backward stops here
     loss = classifier(leaf[:n], labels)
@@ -143,9 +192,12 @@ def _classifier_loss(classifier, out, labels: torch.Tensor, n: int, text_loss_we
 
     def backward() -> None:
         loss.backward()  # the backward op takes the forward's settings (check_labels too) from its context
-        rows.backward(leaf.grad.to(rows.dtype))
+        if model_loss is None:
+            rows.backward(leaf.grad.to(rows.dtype))
+        else:
+            torch.autograd.backward([rows, model_loss], [leaf.grad.to(rows.dtype), None])
 
-    return loss, backward
+    return (loss if model_loss is None else loss + model_loss.detach()), backward
 
 
 class MetricsLog:
@@ -189,7 +241,8 @@ def train(config: TrainConfig) -> dict:
     total_steps = config.max_steps or config.epochs * steps_per_epoch
 
     model = OclearModel(ModelConfig(config.dim, config.image_encoder, config.text_encoder, config.fusion,
-                                    config.num_concepts, config.num_heads, config.image_size)).to(device)
+                                    config.num_concepts, config.num_heads, config.image_size,
+                                    config.composed_queries, config.query_composition)).to(device)
     negatives, neg_generator = build_negatives(config, config.seed * 7919 + rank)
     torch.manual_seed(config.seed * 7919 + rank)  # each rank draws its own classifier shard
     classifier = ShardedMarginClassifier(len(dataset.class_index), config.dim, scale=config.scale,
@@ -214,6 +267,8 @@ def train(config: TrainConfig) -> dict:
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
     losses: list[float] = []
     text_loss_weight = config.text_loss_weight if config.fusion else 0.0
+    composition = (CompositionLoss(config.composition_weight_loss, config.composition_temperature)
+                   if config.composed_queries and config.query_composition == "adaptive" else None)
     samples, t_start = 0, time.perf_counter()
     evaluation = None
     model.train()
@@ -228,7 +283,8 @@ def train(config: TrainConfig) -> dict:
             opt.zero_grad(set_to_none=True)
             cls_opt.zero_grad(set_to_none=True)
             loss, backward = batch_loss(ddp, classifier, images, batch["text"], is_query, labels, keep,
-                                        text_loss_weight, autocast)
+                                        text_loss_weight, autocast, modifiers=batch.get("modifier"),
+                                        composition=composition)
             backward()
             if config.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
