@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CUDA compile gate for CI on a machine without GPU (DESIGN section 3, issue 4):
+# CUDA compile gate for CI on a machine without GPU (docs/design.md#build):
 #  1. CMake's OCLEAR_CUDA_GATE target: every csrc/cuda/*.cu for sm_80 and sm_90 with -Xptxas -v;
 #     a kernel that does not compile fails here. The full log (registers, spills, shared memory
 #     per kernel) is kept, and .ci/ptxas_report.py fails on spills outside the allow-list below.

@@ -131,7 +131,7 @@ def test_empty_shapes():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("broadcast", [False, True])
 def test_low_precision_within_twice_pytorch_error(dtype, broadcast):
-    # DESIGN section 9: error against the float64 reference at most twice plain PyTorch's own
+    # The low-precision rule (docs/design.md#tests): error against the float64 reference at most twice plain PyTorch's own
     # low-precision error (the reference run in `dtype`) plus a small atol.
     q, k, v, mask = make_attention_inputs(4, 2, 17, 70, 64, broadcast=broadcast, pad_fraction=0.3, empty_rows=1, seed=11)
     grad_out = torch.randn_like(q)

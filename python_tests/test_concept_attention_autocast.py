@@ -1,6 +1,6 @@
 """concept_attention under torch.autocast: q, k, v in the autocast dtype (as scaled_dot_product_attention),
 lse float32, the output in the autocast dtype, each input's gradient in its own dtype; an AMP training loop
-of ConceptAwareFusion within the project's low-precision rule (DESIGN section 9); opcheck and
+of ConceptAwareFusion within the project's low-precision rule (docs/design.md#tests); opcheck and
 torch.compile(fullgraph=True) under autocast."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Concept attention op conventions (DESIGN section 4.3): opcheck, torch.compile, error messages."""
+"""Concept attention op conventions (docs/design.md#op-conventions): opcheck, torch.compile, error messages."""
 
 from __future__ import annotations
 

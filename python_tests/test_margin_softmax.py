@@ -58,7 +58,7 @@ def test_matches_reference_float64(n, c, d, margin, scale, arcface_grad, intercl
     seed=st.integers(0, 2**16),
 )
 def test_matches_reference_float32(n, c, d, margin, seed):
-    # DESIGN section 9's rule: error against the float64 reference <= 2 x plain PyTorch's own float32 error
+    # The low-precision rule (docs/design.md#tests): error against the float64 reference <= 2 x plain PyTorch's own float32 error
     # + a small atol. (A float32-vs-float32 comparison would fail where both are ill-conditioned, e.g. the
     # exact ArcFace derivative m1 sin(theta + m) / sin(theta) for an embedding nearly parallel to its centre.)
     x, w, labels = make_inputs(n, c, d, seed=seed, ignore_fraction=0.1)
@@ -238,7 +238,7 @@ def test_interclass_filter_removes_gradient_of_filtered_negatives():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("margin", [COSFACE, ARCFACE])
 def test_low_precision_error_within_twice_plain_pytorch(dtype, margin):
-    # DESIGN section 9: error against the float64 reference <= 2 x plain PyTorch's own error + small atol.
+    # The low-precision rule (docs/design.md#tests): error against the float64 reference <= 2 x plain PyTorch's own error + small atol.
     x64, w64, labels = make_inputs(96, 1500, 64, seed=11, ignore_fraction=0.05)
     want = loss_and_grads(reference.margin_softmax_loss, x64, w64, labels, margin=margin)
     plain = loss_and_grads(reference.margin_softmax_loss, x64.to(dtype), w64.to(dtype), labels, margin=margin)

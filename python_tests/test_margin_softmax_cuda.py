@@ -45,7 +45,7 @@ def max_error(a, b):
 
 
 def assert_within_plain_rule(got, plain, want, atols):
-    """DESIGN section 9: error vs the float64 reference <= 2 x plain PyTorch's own error + atol."""
+    """The low-precision rule (docs/design.md#tests): error vs the float64 reference <= 2 x plain PyTorch's own error + atol."""
     for name, g, p, ref, atol in zip(("loss", "grad x", "grad w"), got, plain, want, atols):
         assert torch.isfinite(g).all(), f"{name}: non-finite values"
         err, plain_err = max_error(g, ref), max_error(p, ref)

@@ -1,4 +1,4 @@
-"""Op conventions (DESIGN section 4.3): opcheck of the private ops, torch.compile of the public loss."""
+"""Op conventions (docs/design.md#op-conventions): opcheck of the private ops, torch.compile of the public loss."""
 
 from __future__ import annotations
 

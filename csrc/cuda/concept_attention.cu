@@ -1,4 +1,4 @@
-// CUDA concept attention (DESIGN section 4.2): framework-free kernels, float32 accumulation.
+// CUDA concept attention (docs/design.md#concept-attention): framework-free kernels, float32 accumulation.
 //
 // Forward: one block per (batch, head, tile of 16 queries); 4 warps, 4 query rows per warp. Keys
 // and values are staged in shared memory 32 at a time (one key per lane), converted to float32;

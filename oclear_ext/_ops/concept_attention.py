@@ -2,7 +2,7 @@
 
 The C++ op `oclear::concept_attention_forward` returns the output and the log-sum-exp of each query
 row (B, H, Lq), in the accumulation dtype (float32; float64 for float64), not the attention matrix;
-`oclear::concept_attention_backward` recomputes the probabilities from it (DESIGN section 4.2).
+`oclear::concept_attention_backward` recomputes the probabilities from it (docs/design.md#concept-attention).
 
 Kernel family: both ops take `backend` ("auto", "cuda_core" or "tensor_core") as an argument, so
 torch.compile sees the choice in the graph; :func:`concept_attention_backend` (a context manager in the

@@ -1,4 +1,4 @@
-"""Data: the manifest format (DESIGN section 7), a torch Dataset over it, the built-in emoji data,
+"""Data: the manifest format (docs/design.md#data), a torch Dataset over it, the built-in emoji data,
 and category-oriented data governance (interaction logs -> clean classes)."""
 
 from .manifest import ClassIndex, Manifest, ManifestError, ManifestItem, load_manifest, write_manifest

@@ -1,4 +1,4 @@
-"""The manifest format (DESIGN section 7) and its validating loader.
+"""The manifest format (docs/design.md#data) and its validating loader.
 
 A manifest is a JSON Lines file, one item per line:
 

@@ -1,4 +1,4 @@
-"""Models: encoders, heads and OclearModel (DESIGN section 6)."""
+"""Models: encoders, heads and OclearModel (docs/design.md#model)."""
 
 from .encoders import HashingTextEncoder, HashingTokenizer, SmallCNN
 from .oclear_model import ModelConfig, OclearModel

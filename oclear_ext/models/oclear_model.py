@@ -50,7 +50,7 @@ class OclearModel(nn.Module):
 
     queries: q = normalize(query_head(encoder(image)))                  (no modifier)
          or  q = composer(query_head(encoder(image)), modifier tokens)     with composed_queries and a modifier
-    docs:    d = fusion(doc_head(encoder(image)), text tokens)            (DESIGN section 6)
+    docs:    d = fusion(doc_head(encoder(image)), text tokens)            (docs/design.md#model)
          or  d = normalize(doc_head(encoder(image)))                       with fusion=False
     The image encoder is shared; the two heads absorb the domain gap between a shopper's photo and a
     catalogue image. Implements the evaluation's embedding-function interface (oclear_ext.eval).

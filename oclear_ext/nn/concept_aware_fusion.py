@@ -1,4 +1,4 @@
-"""Concept-aware fusion of a document's image and text (DESIGN section 6, OCLEAR / Mixer).
+"""Concept-aware fusion of a document's image and text (docs/design.md#model, OCLEAR / Mixer).
 
     grounded = LayerNorm(t + Attn(t, M, M))             text tokens read the concept memory M (K x D),
                                                         shared by the batch (broadcast, never expanded)

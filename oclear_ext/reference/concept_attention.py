@@ -1,4 +1,4 @@
-"""Plain-PyTorch concept attention (DESIGN section 4.2), materialising the (B, H, Lq, Lk) scores.
+"""Plain-PyTorch concept attention (docs/design.md#concept-attention), materialising the (B, H, Lq, Lk) scores.
 
 out = softmax(scale * q k^T, padding keys masked) v, with k, v of batch 1 broadcast over the batch
 by matmul. A query row whose keys are all padding returns zeros with zero gradient (softmax of an

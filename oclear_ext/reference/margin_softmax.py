@@ -1,6 +1,6 @@
 """Plain-PyTorch margin softmax (CosFace / ArcFace / SphereFace combined), materialising N x C logits.
 
-Same signature and conventions as oclear_ext.margin_softmax_loss (DESIGN section 4.1):
+Same signature and conventions as oclear_ext.margin_softmax_loss (docs/design.md#margin-softmax):
 - cos = clamp(x^ . w^, -1, 1), where the clamp only guards acos's domain: the gradient passes through it;
 - target logit s * psi(cos) with psi(c) = cos(m1 acos(c) + m2) - m3, continued past m1 theta + m2 = pi
   by the line of slope 1 through (c*, -1 - m3);

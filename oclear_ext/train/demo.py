@@ -11,7 +11,7 @@ small encoders from scratch instead. Three models, same architecture and data, m
 with --seeds seeds (the table shows mean +- sd over them):
   untrained           random weights (what the numbers would be without learning)
   image-only docs     trained, documents embedded from the image alone (fusion off)
-  concept fusion      trained, documents fuse image and text with concept-aware attention (DESIGN section 6),
+  concept fusion      trained, documents fuse image and text with concept-aware attention (docs/design.md#model),
                       with text dropout and the text loss (what a doc's text adds classifies on its own,
                       class weights fixed)
 Writes metrics.json, retrieval.png (queries with their top-5 docs), training_curve.png into --out.
