@@ -85,6 +85,9 @@ def plot_curves(curves: dict[str, list[float]], path: Path) -> None:
 def run(argv: list[str] | None = None) -> dict:
     """Runs the demo; returns what it writes to metrics.json."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="retrieval", choices=("retrieval", "composed"),
+                        help="retrieval: image queries -> image + text docs (this text); composed: reference image "
+                             "+ modifier text -> target (oclear_ext.train.composed_demo)")
     parser.add_argument("--out", default="oclear-demo-output", help="output folder")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--image-encoder", default="efficientnet-lite0", choices=IMAGE_ENCODERS)
@@ -100,6 +103,10 @@ def run(argv: list[str] | None = None) -> dict:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.task == "composed":
+        from .composed_demo import run_composed
+
+        return run_composed(args, out, summarise, format_rows)
     t0 = time.perf_counter()
     heldout = resolve_manifest("builtin:emoji", "heldout", out / "data")
 
