@@ -20,6 +20,7 @@ def manifest(tmp_path):
         Image.fromarray(arr).save(tmp_path / f"{i}.png")
         rows.append({"image": f"{i}.png", "text": f"item {i}" if i % 2 else None, "label": f"c{i // 2}",
                      "role": "doc" if i % 2 else "query"})
+    rows[2]["modifier"] = "in green"  # a composed query
     path = tmp_path / "m.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
@@ -38,6 +39,7 @@ def test_items_have_the_documented_shapes_and_types(manifest):
     assert batch["image"].shape == (4, 3, 8, 16)
     assert batch["text"] == [None, "item 1", None, "item 3"]
     assert batch["label"].tolist() == [0, 0, 1, 1] and batch["index"].tolist() == [0, 1, 2, 3]
+    assert batch["modifier"] == [None, None, "in green", None]
 
 
 def test_no_resize_keeps_the_file_pixels(manifest, tmp_path):

@@ -57,6 +57,9 @@ def test_valid_manifest_resolves_paths_and_maps_labels(folder):
     ({"image": "img/a.png", "text": None, "label": "x", "role": "doc", "category": 5}, r"line 2: 'category' must be a string, got int"),
     ({"image": "img/a.png", "text": None, "label": "x", "role": "doc", "weight": 0}, r"line 2: 'weight' must be a finite number > 0"),
     ({"image": "img/a.png", "text": None, "label": "x", "role": "doc", "id": "same"}, r"line 2: duplicate id 'same' \(first on line 1\)"),
+    ({"image": "img/a.png", "text": None, "label": "x", "role": "query", "modifier": " "}, r"line 2: 'modifier' must be a non-empty string or null"),
+    ({"image": "img/a.png", "text": None, "label": "x", "role": "query", "modifier": 3}, r"line 2: 'modifier' must be a non-empty string or null, got 3"),
+    ({"image": "img/a.png", "text": "t", "label": "x", "role": "doc", "modifier": "red"}, r"line 2: 'modifier' is only allowed on queries"),
 ])
 def test_each_error_type_is_reported_with_its_line_number(folder, line, message):
     good = {"image": "img/a.png", "text": None, "label": "x", "role": "query", "id": "same"}
@@ -123,3 +126,17 @@ def test_class_index_save_load_and_errors(tmp_path):
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="is not a class index"):
         ClassIndex.load(tmp_path / "bad.json")
+
+
+def test_composed_query_modifier_is_optional_and_round_trips(folder):
+    m = _write(folder / "m.jsonl", [
+        {"image": "img/a.png", "text": None, "label": "mug-red", "role": "query", "modifier": "in red"},
+        {"image": "img/a.png", "text": None, "label": "mug", "role": "query", "modifier": None},
+        {"image": "img/b.png", "text": "red mug", "label": "mug-red", "role": "doc"},
+    ])
+    man = load_manifest(m)
+    assert [it.modifier for it in man.items] == ["in red", None, None]
+    rows = [it.to_json(folder) for it in man.items]
+    assert rows[0]["modifier"] == "in red" and "modifier" not in rows[1] and "modifier" not in rows[2]
+    again = load_manifest(write_manifest(man.items, folder / "again.jsonl"))
+    assert [it.modifier for it in again.items] == ["in red", None, None]

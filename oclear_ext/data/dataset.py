@@ -48,7 +48,8 @@ def pil_to_tensor(im, size: int | tuple[int, int] | None, background: tuple[int,
 
 class ManifestDataset(Dataset):
     """Items of a manifest as dicts: image (3, H, W) float32 in [0, 1], text (str or None), label (int64
-    contiguous class id), role, weight, index (position in the manifest).
+    contiguous class id), role, weight, index (position in the manifest), modifier (str or None: a composed
+    query's text).
 
     manifest:    a Manifest or a path to one (validated on load).
     image_size:  int or (H, W) to resize every image to; None keeps sizes (then batch with care).
@@ -118,11 +119,12 @@ class ManifestDataset(Dataset):
             "role": item.role,
             "weight": torch.tensor(item.weight, dtype=torch.float32),
             "index": pos,
+            "modifier": item.modifier,
         }
 
 
 def collate(batch: list[dict]) -> dict:
-    """Stacks tensors and keeps texts and roles as lists (texts may be None; the text encoder tokenises)."""
+    """Stacks tensors and keeps texts, modifiers and roles as lists (texts and modifiers may be None)."""
     return {
         "image": torch.stack([b["image"] for b in batch]),
         "text": [b["text"] for b in batch],
@@ -130,6 +132,7 @@ def collate(batch: list[dict]) -> dict:
         "role": [b["role"] for b in batch],
         "weight": torch.stack([b["weight"] for b in batch]),
         "index": torch.tensor([b["index"] for b in batch], dtype=torch.int64),
+        "modifier": [b.get("modifier") for b in batch],
     }
 
 

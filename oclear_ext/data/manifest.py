@@ -3,7 +3,12 @@
 A manifest is a JSON Lines file, one item per line:
 
     {"image": "imgs/a.png", "text": "red mug" | null, "label": "<class id>", "role": "query" | "doc",
-     "id": "optional unique id", "category": "optional category", "weight": optional positive sampling weight}
+     "id": "optional unique id", "category": "optional category", "weight": optional positive sampling weight,
+     "modifier": "optional text on a query: what to change" | null}
+
+A query with a modifier is a composed query (reference image + modifier text -> the target class, `label`):
+"+ medium-dark skin tone", "the woman's version". Documents carry no modifier. Manifests without the key
+are unchanged.
 
 Image paths are relative to the manifest's folder (absolute paths are kept). Blank lines are allowed.
 The loader checks every line and raises one ManifestError that lists every bad line with its line
@@ -21,7 +26,7 @@ from typing import Iterable, Literal
 
 ROLES = ("query", "doc")
 REQUIRED_KEYS = ("image", "text", "label", "role")
-OPTIONAL_KEYS = ("id", "category", "weight")
+OPTIONAL_KEYS = ("id", "category", "weight", "modifier")
 MAX_LISTED_ERRORS = 50
 
 ImageCheck = Literal["exists", "header", "none"]
@@ -49,6 +54,7 @@ class ManifestItem:
     id: str | None = None
     category: str | None = None
     weight: float = 1.0
+    modifier: str | None = None
     line: int = 0
 
     def to_json(self, root: str | os.PathLike | None = None) -> dict:
@@ -61,6 +67,8 @@ class ManifestItem:
             row["category"] = self.category
         if self.weight != 1.0:
             row["weight"] = self.weight
+        if self.modifier is not None:
+            row["modifier"] = self.modifier
         return row
 
 
@@ -162,11 +170,17 @@ def _check_line(obj: object, root: Path, check_images: ImageCheck) -> tuple[Mani
     weight = obj.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
         errors.append(f"'weight' must be a finite number > 0, got {weight!r}")
+    modifier = obj.get("modifier")
+    if modifier is not None:
+        if not isinstance(modifier, str) or not modifier.strip():
+            errors.append(f"'modifier' must be a non-empty string or null, got {modifier!r}")
+        elif role == "doc":
+            errors.append("'modifier' is only allowed on queries (role 'query'), this line is a doc")
     if errors:
         return None, errors
     item = ManifestItem(
         image=image_path, text=text, label=str(label), role=role, id=obj.get("id"),
-        category=obj.get("category"), weight=float(weight),
+        category=obj.get("category"), weight=float(weight), modifier=modifier,
     )
     return item, []
 

@@ -7,6 +7,10 @@ provides them through a factory, `--embedder package.module:factory --checkpoint
     embed_queries(images) -> (B, D) tensor   images: (B, 3, H, W) float32 in [0, 1], RGB over white
     embed_docs(images, texts) -> (B, D)      texts: list of B strings or None (docs without text)
 
+Manifests with composed queries (query rows with a "modifier" text) need an embed_queries that takes
+them: embed_queries(images, modifiers) with modifiers a list of B strings or None (OclearModel built with
+composed_queries=True does); a plain embed_queries(images) is refused for such a manifest, by name.
+
 Both are called under torch.no_grad() in batches; embeddings are L2-normalised afterwards, so the
 search ranks by cosine. A factory is called as factory(checkpoint=PATH) or factory() without one.
 """
@@ -14,6 +18,7 @@ search ranks by cosine. A factory is called as factory(checkpoint=PATH) or facto
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -78,18 +83,36 @@ def embed_manifest(manifest: Manifest, fn: EmbeddingFunction, batch_size: int = 
 
     query_role="doc" embeds the doc rows as queries too (with embed_queries), for doc-to-doc retrieval.
     """
+    if any(manifest.items[i].modifier is not None for i in manifest.indices(query_role)):
+        _require_modifier_support(fn)
     out = []
     for role, as_query in ((query_role, True), ("doc", False)):
         ds = ManifestDataset(manifest, image_size=fn.image_size, roles=(role,))
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
         chunks = []
         for batch in loader:
-            e = fn.embed_queries(batch["image"]) if as_query else fn.embed_docs(batch["image"], batch["text"])
+            modifiers = batch.get("modifier") if as_query else None
+            if modifiers is not None and any(m is not None for m in modifiers):
+                e = fn.embed_queries(batch["image"], modifiers)
+            elif as_query:
+                e = fn.embed_queries(batch["image"])
+            else:
+                e = fn.embed_docs(batch["image"], batch["text"])
             if e.ndim != 2 or e.shape[0] != batch["image"].shape[0]:
                 raise ValueError(f"embed_manifest: embedding function returned shape {tuple(e.shape)} for a batch of {batch['image'].shape[0]}")
             chunks.append(F.normalize(e.float(), dim=1).cpu())
         out.append(torch.cat(chunks).numpy())
     return out[0], out[1]
+
+
+def _require_modifier_support(fn: EmbeddingFunction) -> None:
+    """Composed queries need embed_queries(images, modifiers): refuse an image-only embedder up front."""
+    try:
+        inspect.signature(fn.embed_queries).bind(None, None)
+    except TypeError:
+        raise ValueError(f"embed_manifest: the manifest has queries with a modifier text, but "
+                         f"{type(fn).__name__}.embed_queries takes no modifiers (a model built with "
+                         f"composed_queries=True does)") from None
 
 
 def load_embeddings(path: str) -> np.ndarray:

@@ -25,13 +25,22 @@ def write_results(result: EvalResult, out: str | Path, query_ids: Sequence[str],
 
 
 def draw_grid(result: EvalResult, query_images: Sequence[str], doc_images: Sequence[str], path: str | Path,
-              n_queries: int = 8, top: int = 5, tile: int = 64, seed: int = 0) -> None:
-    """PNG: one row per sampled query (its image, then its top docs); green frame = relevant, red = not."""
+              n_queries: int = 8, top: int = 5, tile: int = 64, seed: int = 0,
+              query_captions: Sequence[str | None] | None = None) -> None:
+    """PNG: one row per sampled query (its image, then its top docs); green frame = relevant, red = not.
+
+    query_captions (one per query, optional): text written under the query image instead of "query", e.g.
+    a composed query's modifier."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
     rows = sorted(rng.choice(len(query_images), size=min(n_queries, len(query_images)), replace=False).tolist())
+    if query_captions is not None and len(query_captions) != len(query_images):
+        raise ValueError(f"draw_grid: {len(query_captions)} captions for {len(query_images)} queries")
     pad, gap = 4, 12
+    # A caption may be wider than the tile: the query column widens to fit it (about 6 px per character).
+    caption_width = max((6 * len(c) for c in query_captions or () if c), default=0)
+    gap += max(0, caption_width - tile - 2 * pad)
     width = pad + (tile + 2 * pad) * (top + 1) + gap
     height = pad + (tile + 2 * pad + 14) * len(rows)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
@@ -48,7 +57,8 @@ def draw_grid(result: EvalResult, query_images: Sequence[str], doc_images: Seque
     for row, r in enumerate(rows):
         y = pad + row * (tile + 2 * pad + 14) + pad
         paste(query_images[r], 2 * pad, y, (120, 120, 120))
-        draw.text((2 * pad, y + tile + pad), "query", fill=(0, 0, 0))
+        caption = query_captions[r] if query_captions is not None and query_captions[r] else "query"
+        draw.text((2 * pad, y + tile + pad), caption, fill=(0, 0, 0))
         for j in range(min(top, result.ids.shape[1])):
             i = int(result.ids[r, j])
             if i < 0:
