@@ -10,3 +10,6 @@ __all__ = ["hardest_classes", "margin_softmax_loss"]
 from .concept_attention import concept_attention  # noqa: E402
 
 __all__ += ["concept_attention"]
+from .contrastive import label_aware_contrastive_loss  # noqa: E402
+
+__all__ += ["label_aware_contrastive_loss"]
