@@ -18,7 +18,8 @@ class ConceptAttention(nn.Module):
     Args:
         dim: model dimension D of the queries and of the output; divisible by num_heads, D / num_heads <= 256.
         num_heads: H.
-        kdim, vdim: feature sizes of keys and values (default D).
+        kdim: feature size of the keys (default D).
+        vdim: feature size of the values (default D).
         bias: biases of the q, k, v projections.
         out_bias: bias of the output projection. Without it a query whose keys are all padding gets exactly
             zeros out (the op returns zeros there); with it, the bias.
