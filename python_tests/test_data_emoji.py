@@ -57,8 +57,9 @@ def test_licences_and_attribution_ship_next_to_the_data():
     assert "Attribution-ShareAlike 4.0" in (folder / "LICENSE-openmoji.txt").read_text()
     assert "MIT" in (folder / "LICENSE-emoji-datasource.txt").read_text()
     assert "Apache License" in (folder / "LICENSE-Apache-2.0.txt").read_text()
+    # Budget: the package's built-in data stays under 16 MiB (base emoji about 8 MiB, composed-query data 5.3).
     size = sum(p.stat().st_size for p in folder.iterdir())
-    assert size < 10 * 2**20
+    assert size < 16 * 2**20
 
 
 def test_builtin_manifest_is_the_evaluation_protocol(tmp_path, data):

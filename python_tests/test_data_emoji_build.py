@@ -20,7 +20,11 @@ EMOJI = [  # unified, name, short names, subcategory
     ("1F603", "SMILING FACE WITH OPEN MOUTH", ["smiley"], "face-smiling"),
     ("1F604", "SMILING FACE WITH OPEN MOUTH AND SMILING EYES", ["smile"], "face-smiling"),
     ("2764-FE0F", "HEAVY BLACK HEART", ["heart"], "heart"),
+    ("1F3C3", "RUNNER", ["runner"], "person-activity"),  # with a tone variant (composed-query data)
+    ("1F3C3-200D-2640-FE0F", "WOMAN RUNNING", ["woman-running"], "person-activity"),
 ]
+TONE_VARIANT = {"1F3FD": {"unified": "1F3C3-1F3FD", "image": "1f3c3-1f3fd.png", "has_img_google": True,
+                          "has_img_twitter": True}}
 SVG = '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 72 72"><circle cx="36" cy="36" r="30" fill="#{}"/></svg>'
 
 
@@ -30,6 +34,7 @@ def packages(tmp_path):
     root = tmp_path / "pk"
     table = [{"unified": u, "name": n, "short_name": s[0], "short_names": s, "category": "Smileys & Emotion",
               "subcategory": sub, "sort_order": i, "image": f"{u.lower()}.png"} for i, (u, n, s, sub) in enumerate(EMOJI)]
+    table[4]["skin_variations"] = TONE_VARIANT
     meta = root / "meta" / "package"
     meta.mkdir(parents=True)
     (meta / "package.json").write_text("{}")
@@ -39,8 +44,8 @@ def packages(tmp_path):
         pkg = root / vendor / "package"
         (pkg / "img" / vendor / "64").mkdir(parents=True)
         (pkg / "package.json").write_text("{}")
-        for e in table:
-            Image.new("RGBA", (64, 64), colour + (255,)).save(pkg / "img" / vendor / "64" / e["image"])
+        for name in [e["image"] for e in table] + [TONE_VARIANT["1F3FD"]["image"]]:
+            Image.new("RGBA", (64, 64), colour + (255,)).save(pkg / "img" / vendor / "64" / name)
     om = root / "openmoji" / "package"
     (om / "color" / "svg").mkdir(parents=True)
     (om / "package.json").write_text("{}")
@@ -76,6 +81,22 @@ def test_build_compact_atlas_round_trips(packages, tmp_path):
     atlas = Image.open(out / "twitter.png")
     assert atlas.size == (meta["columns"] * 8, 8)
     assert atlas.getpixel((8 * 3 + 4, 4)) == (0, 0, 200, 255)  # fourth tile
-    assert atlas.getpixel((8 * 4 + 4, 4))[3] == 0  # past the last tile: transparent
+    assert atlas.getpixel((8 * len(EMOJI) + 4, 4))[3] == 0  # past the last tile: transparent
     rows = [json.loads(l) for l in (out / "emoji.jsonl").read_text().splitlines()]
     assert [r["unified"] for r in rows] == [u for u, *_ in EMOJI]
+
+
+def test_build_compact_writes_the_composed_query_data(packages, tmp_path):
+    out = build_compact(tmp_path / "compact", packages=packages, size=8)
+    variants = [json.loads(l) for l in (out / "variants.jsonl").read_text().splitlines()]
+    assert [(v["unified"], v["name"]) for v in variants] == [("1F3C3-1F3FD", "RUNNER: medium skin tone")]
+    assert json.loads((out / "variants.json").read_text())["count"] == 1
+    assert Image.open(out / "variants-google.png").getpixel((4, 4)) == (200, 0, 0, 255)
+    pairs = [json.loads(l) for l in (out / "composed.jsonl").read_text().splitlines()]
+    assert {(p["reference"], p["modifier"], p["target"]) for p in pairs} == {
+        ("1F3C3", "medium skin tone", "1F3C3-1F3FD"), ("1F3C3", "woman", "1F3C3-200D-2640-FE0F")}
+    assert len({p["split"] for p in pairs}) == 1  # one group: a base and its variants share a split
+    assert "tone variants" in (out / "ATTRIBUTION.md").read_text()
+    again = build_compact(tmp_path / "again", packages=packages, size=8)
+    for name in ("variants-google.png", "variants-twitter.png", "variants.jsonl", "composed.jsonl"):
+        assert (out / name).read_bytes() == (again / name).read_bytes()  # byte-identical rebuilds

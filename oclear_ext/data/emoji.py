@@ -9,6 +9,8 @@ Two forms:
 - the compact copy shipped in the package (oclear_ext/data/emoji_builtin/): all emoji, three vendors,
   32 px, one RGBA PNG atlas per vendor plus emoji.jsonl (metadata and the fixed split). Load it with
   `load_builtin()` (arrays) or turn it into an ordinary manifest folder with `builtin_manifest(dir)`.
+  Next to it, the composed-query data (oclear_ext.data.composed): 1,555 skin-tone variants (google and
+  twitter), the reference + modifier -> target pairs and their split.
 - the full set at 64 px (or any size) as a manifest folder, built from the npm packages:
       python -m oclear_ext.data.emoji build --out DIR [--size 64] [--packages DIR]
   (`compact --out DIR` rebuilds the shipped copy.) Needs npm and, for openmoji, cairosvg.
@@ -158,13 +160,24 @@ def render(vendor: str, root: Path, record: EmojiRecord, size: int):
     return im
 
 
-def _write_metadata(records: Sequence[EmojiRecord], split: dict[str, str], path: Path) -> None:
+def write_metadata(records: Sequence[EmojiRecord], split: dict[str, str], path: Path) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for i, r in enumerate(records):
             f.write(json.dumps({
                 "index": i, "unified": r.unified, "name": r.name, "short_names": list(r.short_names),
                 "category": r.category, "subcategory": r.subcategory, "text": r.text, "split": split[r.unified],
             }, ensure_ascii=False) + "\n")
+
+
+def read_metadata(path: Path) -> tuple[list[EmojiRecord], dict[str, str]]:
+    """What write_metadata wrote: (records in file order, unified -> split)."""
+    records, split = [], {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        e = json.loads(line)
+        records.append(EmojiRecord(e["unified"], e["name"], tuple(e["short_names"]), e["category"], e["subcategory"],
+                                   e["index"], ""))
+        split[e["unified"]] = e["split"]
+    return records, split
 
 
 def _write_attribution(out: Path, roots: dict[str, Path], size: int, n: int, n_sub: int) -> None:
@@ -214,7 +227,7 @@ def build(out: str | Path, size: int = 64, packages: str | Path | None = None) -
             (out / "images" / vendor).mkdir(parents=True, exist_ok=True)
             for r in records:
                 render(vendor, roots[vendor], r, size).save(out / "images" / vendor / f"{r.unified}.png", optimize=True)
-        _write_metadata(records, split, out / "emoji.jsonl")
+        write_metadata(records, split, out / "emoji.jsonl")
         _write_attribution(out, roots, size, len(records), len({r.subcategory for r in records}))
     rows = lambda subset, query_vendors: _manifest_rows(records, subset, query_vendors, "google",
                                                         lambda v, r: f"images/{v}/{r.unified}.png")
@@ -225,25 +238,47 @@ def build(out: str | Path, size: int = 64, packages: str | Path | None = None) -
 
 
 def build_compact(out: str | Path, packages: str | Path | None = None, size: int = BUILTIN_SIZE) -> Path:
-    """Builds the compact copy that ships in the package: <vendor>.png atlases + emoji.jsonl + licences."""
-    from PIL import Image
+    """Builds the compact copy that ships in the package: <vendor>.png atlases + emoji.jsonl + licences,
+    and the composed-query data (oclear_ext.data.composed: tone-variant atlases, variants.jsonl, composed.jsonl)."""
+    from .composed import build_compact_variants
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         roots = fetch_packages(packages or tmp)
         records = read_records(roots["meta"])
-        rows = (len(records) + ATLAS_COLUMNS - 1) // ATLAS_COLUMNS
         for vendor in VENDORS:
-            atlas = Image.new("RGBA", (ATLAS_COLUMNS * size, rows * size), (0, 0, 0, 0))
-            for i, r in enumerate(records):
-                atlas.paste(render(vendor, roots[vendor], r, size), ((i % ATLAS_COLUMNS) * size, (i // ATLAS_COLUMNS) * size))
-            atlas.save(out / f"{vendor}.png", optimize=True)
-        _write_metadata(records, emoji_split(records), out / "emoji.jsonl")
+            save_atlas([render(vendor, roots[vendor], r, size) for r in records], size, out / f"{vendor}.png")
+        write_metadata(records, emoji_split(records), out / "emoji.jsonl")
         _write_attribution(out, roots, size, len(records), len({r.subcategory for r in records}))
+        build_compact_variants(out, roots, records, size)
     (out / "atlas.json").write_text(json.dumps({"tile": size, "columns": ATLAS_COLUMNS, "count": len(records),
                                                 "vendors": list(VENDORS)}) + "\n")
     return out
+
+
+def save_atlas(tiles: Sequence, size: int, path: Path) -> None:
+    """size x size RGBA PIL images -> one PNG, ATLAS_COLUMNS tiles per row, in order."""
+    from PIL import Image
+
+    if not tiles:
+        raise ValueError(f"emoji build: no images for the atlas {path.name}")
+    rows = (len(tiles) + ATLAS_COLUMNS - 1) // ATLAS_COLUMNS
+    atlas = Image.new("RGBA", (ATLAS_COLUMNS * size, rows * size), (0, 0, 0, 0))
+    for i, tile in enumerate(tiles):
+        atlas.paste(tile, ((i % ATLAS_COLUMNS) * size, (i // ATLAS_COLUMNS) * size))
+    atlas.save(path, optimize=True)
+
+
+def read_atlas(path: Path, tile: int, columns: int, count: int) -> np.ndarray:
+    """An atlas PNG -> (count, tile, tile, 4) uint8 RGBA, in save_atlas's order."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        atlas = np.asarray(im.convert("RGBA"))
+    rows = atlas.shape[0] // tile
+    tiles = atlas.reshape(rows, tile, columns, tile, 4).transpose(0, 2, 1, 3, 4).reshape(rows * columns, tile, tile, 4)
+    return np.ascontiguousarray(tiles[:count])
 
 
 # ----------------------------------------------------------------------------- the shipped copy
@@ -270,26 +305,14 @@ def builtin_dir() -> Path:
 
 def load_builtin(vendors: Iterable[str] = VENDORS) -> BuiltinEmoji:
     """Loads the shipped 32 px emoji (about 0.1 s): no network, nothing but the installed package."""
-    from PIL import Image
-
     folder = builtin_dir()
     meta = json.loads((folder / "atlas.json").read_text())
-    records, split = [], {}
-    for line in (folder / "emoji.jsonl").read_text(encoding="utf-8").splitlines():
-        e = json.loads(line)
-        records.append(EmojiRecord(e["unified"], e["name"], tuple(e["short_names"]), e["category"], e["subcategory"],
-                                   e["index"], ""))
-        split[e["unified"]] = e["split"]
-    tile, cols, n = meta["tile"], meta["columns"], meta["count"]
+    records, split = read_metadata(folder / "emoji.jsonl")
     images = {}
     for vendor in vendors:
         if vendor not in VENDORS:
             raise ValueError(f"load_builtin: vendor must be one of {VENDORS}, got {vendor!r}")
-        with Image.open(folder / f"{vendor}.png") as im:
-            atlas = np.asarray(im.convert("RGBA"))
-        rows = atlas.shape[0] // tile
-        tiles = atlas.reshape(rows, tile, cols, tile, 4).transpose(0, 2, 1, 3, 4).reshape(rows * cols, tile, tile, 4)
-        images[vendor] = np.ascontiguousarray(tiles[:n])
+        images[vendor] = read_atlas(folder / f"{vendor}.png", meta["tile"], meta["columns"], meta["count"])
     return BuiltinEmoji(records, split, images)
 
 
