@@ -39,6 +39,13 @@ class TrainConfig:
     query_composition: str = "adaptive"     # adaptive | sum | text | image (the last three: baselines)
     composition_weight_loss: float = 1.0    # adaptive: weight of the self-supervised loss on the per-query weight
     composition_temperature: float = 1.0    # adaptive: its targets are sigmoid((loss(text) - loss(image)) / T)
+    # contrastive term (CLCE, docs/contrastive.md): a label-aware supervised contrastive loss with hard-negative
+    # weights on the batch's embeddings (queries and docs), added to the margin softmax; over the global batch
+    # when distributed, independent of negatives sampling
+    contrastive_weight: float = 0.0         # weight of the term next to the margin softmax (0 = off)
+    contrastive_temperature: float = 0.1    # tau: pairs are scored z_i . z_j / tau
+    contrastive_hard_negative_beta: float = 0.0  # beta: negative k of anchor i weighs exp(beta s_ik) / its mean
+                                                 # over i's negatives (0 = every negative weighs 1: SupCon)
     # classifier
     scale: float = 32.0
     margin: tuple[float, float, float] = (1.0, 0.0, 0.3)
@@ -81,7 +88,8 @@ class TrainConfig:
                 raise ValueError(f"config: {name} must be an integer >= 0, got {value!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise ValueError(f"config: max_steps must be a positive integer or unset, got {self.max_steps!r}")
-        for name in ("lr", "momentum", "weight_decay", "scale", "text_loss_weight", "composition_weight_loss"):
+        for name in ("lr", "momentum", "weight_decay", "scale", "text_loss_weight", "composition_weight_loss",
+                     "contrastive_weight", "contrastive_hard_negative_beta"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"config: {name} must be a finite number >= 0, got {value!r}")
@@ -93,6 +101,11 @@ class TrainConfig:
                 and self.composition_temperature > 0):
             raise ValueError(f"config: composition_temperature must be a finite number > 0, "
                              f"got {self.composition_temperature!r}")
+        if isinstance(self.contrastive_temperature, bool) or not (
+                isinstance(self.contrastive_temperature, (int, float)) and math.isfinite(self.contrastive_temperature)
+                and self.contrastive_temperature > 0):
+            raise ValueError(f"config: contrastive_temperature must be a finite number > 0, "
+                             f"got {self.contrastive_temperature!r}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"config: grad_clip must be > 0 or unset, got {self.grad_clip}")
         if self.dim % self.num_heads:

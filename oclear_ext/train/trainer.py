@@ -2,7 +2,8 @@
 
 Per step: the rank's batch (queries and docs mixed) -> OclearModel (DDP, gradients SUMMED over ranks because
 the classifier returns the global batch's loss) -> ShardedMarginClassifier (class weights split over ranks,
-optional negative sampling with row-sparse optimizer steps) -> backward -> clip the model's gradient norm ->
+optional negative sampling with row-sparse optimizer steps) [+ contrastive_weight * the label-aware
+contrastive loss (CLCE) of the embeddings over the gathered global batch] -> backward -> clip the model's gradient norm ->
 both optimizers step -> both LR schedules step. Rank 0 shows a progress bar (loss, samples/s, ETA), writes
 metrics.jsonl and evaluates retrieval on the validation manifest every eval_every steps.
 """
@@ -29,6 +30,7 @@ from ..data.image_check import check_manifest_images
 from ..data.manifest import load_manifest
 from ..distributed import ddp_sum_gradients
 from ..distributed.sharded_softmax import world_and_rank
+from ..losses import gathered_label_aware_contrastive_loss
 from ..models import ModelConfig, OclearModel
 from ..nn import ShardedMarginClassifier
 from ..nn.query_composer import weight_loss, weight_targets
@@ -113,10 +115,19 @@ class CompositionLoss:
     temperature: float
 
 
+@dataclasses.dataclass(frozen=True)
+class ContrastiveLoss:
+    """The CLCE term: weight * losses.label_aware_contrastive_loss over the (global) batch's embeddings."""
+
+    weight: float
+    temperature: float
+    hard_negative_beta: float = 0.0
+
+
 def batch_loss(model, classifier, images: torch.Tensor, texts: list, is_query: torch.Tensor, labels: torch.Tensor,
                text_keep: torch.Tensor, text_loss_weight: float = 0.0, autocast=None,
-               modifiers: list | None = None, composition: CompositionLoss | None = None
-               ) -> tuple[torch.Tensor, Callable[[], None]]:
+               modifiers: list | None = None, composition: CompositionLoss | None = None,
+               contrastive: ContrastiveLoss | None = None) -> tuple[torch.Tensor, Callable[[], None]]:
     """(loss, backward): classifier(embeddings of the mixed batch) + text_loss_weight * classifier(text embeddings).
 
     The text loss makes what each doc's text adds to it (normalize(W c), every doc with text, dropped or not)
@@ -134,6 +145,9 @@ def batch_loss(model, classifier, images: torch.Tensor, texts: list, is_query: t
     modifiers: the query rows' modifier texts (composed queries). With `composition`, the adaptive weights of
     the composed rows are pulled towards their self-supervised targets (composition_targets), a model-side
     loss added to the classifier's.
+
+    contrastive: adds weight * the label-aware contrastive loss (CLCE) of the mixed batch's embeddings, over
+    the global batch when distributed (see _classifier_loss).
     """
     with autocast or contextlib.nullcontext():
         out = model(images, texts, is_query, text_keep=text_keep, return_text=bool(text_loss_weight),
@@ -147,7 +161,7 @@ def batch_loss(model, classifier, images: torch.Tensor, texts: list, is_query: t
         if composition is not None and composition.weight:
             extra = composition_loss(classifier, parts, labels, images.shape[0], composition.temperature)
             extra = None if extra is None else composition.weight * extra
-        return _classifier_loss(classifier, out, labels, images.shape[0], text_loss_weight, extra)
+        return _classifier_loss(classifier, out, labels, images.shape[0], text_loss_weight, extra, contrastive)
 
 
 def composition_loss(classifier, parts: dict | None, labels: torch.Tensor, n: int, temperature: float
@@ -178,10 +192,20 @@ def composition_loss(classifier, parts: dict | None, labels: torch.Tensor, n: in
 
 
 def _classifier_loss(classifier, out, labels: torch.Tensor, n: int, text_loss_weight: float,
-                     model_loss: torch.Tensor | None = None) -> tuple[torch.Tensor, Callable[[], None]]:
+                     model_loss: torch.Tensor | None = None, contrastive: ContrastiveLoss | None = None
+                     ) -> tuple[torch.Tensor, Callable[[], None]]:
     rows = out if not text_loss_weight else torch.cat(out[:2])
     leaf = rows.detach().float().requires_grad_()  # the classifier's backward stops here
     loss = classifier(leaf[:n], labels)
+    if contrastive is not None and contrastive.weight:
+        # On the leaf, like the classifier: its gradient joins the classifier's in leaf.grad, and its
+        # collectives (the gather's reduce-scatter) run inside the classifier's backward, in the same order
+        # on every rank, before DDP's all-reduces start (as a model_loss they would run among them). Each
+        # rank's graph holds its own anchors' terms only, so leaf.grad is d(global loss)/d(own rows), the
+        # classifier's convention that DDP's summed gradients rely on.
+        loss = loss + contrastive.weight * gathered_label_aware_contrastive_loss(
+            leaf[:n], labels, temperature=contrastive.temperature, hard_negative_beta=contrastive.hard_negative_beta,
+            ignore_index=classifier.settings.ignore_index)
     if text_loss_weight:
         ignore = torch.full_like(labels, classifier.settings.ignore_index)
         classifier.weight.requires_grad_(False)
@@ -269,6 +293,8 @@ def train(config: TrainConfig) -> dict:
     text_loss_weight = config.text_loss_weight if config.fusion else 0.0
     composition = (CompositionLoss(config.composition_weight_loss, config.composition_temperature)
                    if config.composed_queries and config.query_composition == "adaptive" else None)
+    contrastive = (ContrastiveLoss(config.contrastive_weight, config.contrastive_temperature,
+                                   config.contrastive_hard_negative_beta) if config.contrastive_weight else None)
     samples, t_start = 0, time.perf_counter()
     evaluation = None
     model.train()
@@ -284,7 +310,7 @@ def train(config: TrainConfig) -> dict:
             cls_opt.zero_grad(set_to_none=True)
             loss, backward = batch_loss(ddp, classifier, images, batch["text"], is_query, labels, keep,
                                         text_loss_weight, autocast, modifiers=batch.get("modifier"),
-                                        composition=composition)
+                                        composition=composition, contrastive=contrastive)
             backward()
             if config.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
