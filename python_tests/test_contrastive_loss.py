@@ -1,4 +1,4 @@
-"""Label-aware contrastive loss (CLCE): the plain reference, gradients, edge cases, bad input, world 2 == one process."""
+"""Label-aware contrastive loss (CLCE): plain reference, gradients, edge cases, bad input, world 2 == one process."""
 
 from __future__ import annotations
 

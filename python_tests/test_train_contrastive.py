@@ -112,7 +112,8 @@ def test_the_term_combines_with_composed_queries_and_their_model_loss():
     with_term, without = run(TERM), run(None)
     with torch.no_grad():  # the embeddings the term saw (train mode, as in batch_loss)
         out = model(images, texts, is_query, text_keep=keep, modifiers=modifiers)
-    expected = TERM.weight * label_aware_contrastive_loss(out.float(), labels, TERM.temperature, TERM.hard_negative_beta)
+    expected = TERM.weight * label_aware_contrastive_loss(out.float(), labels, TERM.temperature,
+                                                          TERM.hard_negative_beta)
     torch.testing.assert_close(with_term[0] - without[0], expected, rtol=1e-5, atol=1e-6)
     composer = [n for n in without[1] if n.startswith("composer")]
     assert composer and all(n in with_term[1] for n in composer)  # the composition's loss still trains it

@@ -3,9 +3,9 @@
 Per step: the rank's batch (queries and docs mixed) -> OclearModel (DDP, gradients SUMMED over ranks because
 the classifier returns the global batch's loss) -> ShardedMarginClassifier (class weights split over ranks,
 optional negative sampling with row-sparse optimizer steps) [+ contrastive_weight * the label-aware
-contrastive loss (CLCE) of the embeddings over the gathered global batch] -> backward -> clip the model's gradient norm ->
-both optimizers step -> both LR schedules step. Rank 0 shows a progress bar (loss, samples/s, ETA), writes
-metrics.jsonl and evaluates retrieval on the validation manifest every eval_every steps.
+contrastive loss (CLCE) of the embeddings over the gathered global batch] -> backward -> clip the model's
+gradient norm -> both optimizers step -> both LR schedules step. Rank 0 shows a progress bar (loss, samples/s,
+ETA), writes metrics.jsonl and evaluates retrieval on the validation manifest every eval_every steps.
 """
 
 from __future__ import annotations
