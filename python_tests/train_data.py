@@ -28,3 +28,33 @@ def planted_manifest(folder: Path, queries_per_class: int = 3, seed: int = 0) ->
     manifest = folder / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return manifest
+
+
+# Light colours only: each has a distinct dark version (black and orange are left out).
+COMPOSED_COLOURS = {name: COLOURS[name] for name in ("red", "green", "blue", "yellow", "purple", "cyan")}
+
+
+def planted_composed_manifest(folder: Path, queries_per_class: int = 3, seed: int = 0) -> Path:
+    """Composed queries: a light colour's image + the modifier "dark" -> the dark colour's class; plus plain
+    colour queries. Per colour: a light and a dark doc (titled), queries_per_class queries of each kind."""
+    rng = np.random.default_rng(seed)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+
+    def image(name: str, rgb, k: int) -> str:
+        pixels = np.clip(np.array(rgb) + rng.normal(0, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / "img" / f"{name}-{k}.png")
+        return f"img/{name}-{k}.png"
+
+    for name, rgb in COMPOSED_COLOURS.items():
+        dark = tuple(c // 3 for c in rgb)
+        rows.append({"image": image(name, rgb, 0), "text": f"a {name} square", "label": name, "role": "doc"})
+        rows.append({"image": image("dark-" + name, dark, 0), "text": f"a dark {name} square", "label": "dark " + name,
+                     "role": "doc"})
+        for k in range(1, queries_per_class + 1):
+            rows.append({"image": image(name, rgb, k), "text": None, "label": "dark " + name, "role": "query",
+                         "modifier": "dark"})
+            rows.append({"image": image(name, rgb, 10 + k), "text": None, "label": name, "role": "query"})
+    path = folder / "manifest.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

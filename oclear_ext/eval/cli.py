@@ -121,8 +121,9 @@ def run(args: argparse.Namespace) -> dict:
                  "run": run_info()}
         write_results(result, args.out, ids(queries), ids(docs), extra)
         if args.grid_queries > 0:
+            captions = [f"+ {it.modifier}" if it.modifier else None for it in queries]
             draw_grid(result, [it.image for it in queries], [it.image for it in docs], Path(args.out) / "grid.png",
-                      n_queries=args.grid_queries)
+                      n_queries=args.grid_queries, query_captions=captions if any(captions) else None)
     print(f"{data_name}\n{source}: {len(queries)} queries, {len(docs)} docs, dim {q.shape[1]}, index {args.index}")
     print(format_table(result.metrics))
     if "recall_of_exact_top10" in result.metrics["index"]:

@@ -304,14 +304,15 @@ class CatalogIndex:
         return [[{**self.docs[i], "score": float(s)} for i, s in zip(row_ids, row_scores) if i >= 0]
                 for row_ids, row_scores in zip(ids, scores)]
 
-    def search_images(self, model: Any, images: Any, k: int, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    def search_images(self, model: Any, images: Any, k: int, batch_size: int = 64,
+                      modifiers: Sequence[str | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Embeds query images with model.embed_queries and searches: images are paths, PIL images, or a
-        (B, 3, H, W) float tensor in [0, 1] at the model's image_size. Refuses a model other than the
-        index's (when both are known)."""
+        (B, 3, H, W) float tensor in [0, 1] at the model's image_size; modifiers (optional, one text or None
+        per image) make composed queries. Refuses a model other than the index's (when both are known)."""
         from .embedding import embed_query_images
 
         self.check_model(model)
-        return self.search(embed_query_images(model, images, batch_size), k)
+        return self.search(embed_query_images(model, images, batch_size, modifiers), k)
 
     def check_model(self, model: Any) -> None:
         """Raises if `model` is known to differ from the model the index was built with."""

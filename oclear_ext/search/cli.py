@@ -106,6 +106,8 @@ def search_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=_positive_int, default=10, help="results per query (default 10)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--modifier", help='text that modifies every query image ("in red"): composed queries, for a '
+                                      "model trained with composed_queries")
     _add_search_params(p)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="query image files")
     return p
@@ -133,7 +135,9 @@ def search_main(argv: Sequence[str] | None = None) -> list[dict]:
         raise ValueError("; ".join(problems))
     import torch
 
-    ids, scores = index.search_images(model, torch.stack(images), args.k, batch_size=args.batch_size)
+    modifiers = None if args.modifier is None else [args.modifier] * len(images)
+    ids, scores = index.search_images(model, torch.stack(images), args.k, batch_size=args.batch_size,
+                                      modifiers=modifiers)
     lines = [{"query": path, "results": results} for path, results in zip(args.images, index.results(ids, scores))]
     for line in lines:
         sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")

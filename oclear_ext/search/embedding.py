@@ -45,9 +45,11 @@ def read_image(source: Any, size: int | tuple[int, int], name: str | None = None
 
 
 @torch.no_grad()
-def embed_query_images(model: Any, images: Any, batch_size: int = 64) -> np.ndarray:
+def embed_query_images(model: Any, images: Any, batch_size: int = 64,
+                       modifiers: Sequence[str | None] | None = None) -> np.ndarray:
     """(B, D) float32 L2-normalised query embeddings of images: a sequence of paths / bytes / PIL images,
-    or a (B, 3, H, W) float tensor in [0, 1] already at the model's image_size."""
+    or a (B, 3, H, W) float tensor in [0, 1] already at the model's image_size. modifiers (B texts or None,
+    optional): composed queries (a model trained with composed_queries=True)."""
     if isinstance(images, torch.Tensor):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"embed_query_images: an image tensor must be (B, 3, H, W), got {tuple(images.shape)}")
@@ -58,7 +60,15 @@ def embed_query_images(model: Any, images: Any, batch_size: int = 64) -> np.ndar
         decoded = [read_image(x, model.image_size) for x in images]
         batches = [torch.stack(decoded[i:i + batch_size]) for i in range(0, len(decoded), batch_size)]
     device = model_device(model)
-    out = [F.normalize(model.embed_queries(b.to(device)).float(), dim=1).cpu() for b in batches]
+    if modifiers is None or all(m is None for m in modifiers):
+        out = [F.normalize(model.embed_queries(b.to(device)).float(), dim=1).cpu() for b in batches]
+    else:
+        total = sum(len(b) for b in batches)
+        if len(modifiers) != total:
+            raise ValueError(f"embed_query_images: {total} images but {len(modifiers)} modifiers")
+        starts = np.cumsum([0] + [len(b) for b in batches])
+        out = [F.normalize(model.embed_queries(b.to(device), list(modifiers[s:s + len(b)])).float(), dim=1).cpu()
+               for b, s in zip(batches, starts)]
     dim = getattr(getattr(model, "config", None), "dim", 0)
     return torch.cat(out).numpy() if out else np.zeros((0, dim), np.float32)
 

@@ -2,8 +2,9 @@
 
     GET  /                     a page: drop or pick a photo, see the top-k catalogue items
     GET  /healthz              {"status": "ok", "docs", "dim", "kind", "checkpoint", "batches", "queries"}
-    POST /search?k=K           multipart field `image` (a photo) -> {"results": [{"id", "score", "label",
-                               "text", "image", "category", "image_url"}, ...]} best first
+    POST /search?k=K           multipart field `image` (a photo) and optional `modifier` (a text that changes
+                               it, for a model trained with composed queries) -> {"results": [{"id", "score",
+                               "label", "text", "image", "category", "image_url"}, ...]} best first
     POST /search/embedding     JSON {"embedding": [D floats], "k": K} -> the same, without the model
     GET  /docs/{id}/image      a catalogue item's image file
 Errors are JSON {"error": "..."} with a 4xx status (400 bad input, 404 unknown doc, 413 too large).
@@ -65,10 +66,12 @@ class SearchService:
         self.vectors = MicroBatcher(self._search_vectors, self.executor, max_batch, max_wait_s)
 
     @torch.no_grad()
-    def _search_images(self, items: Sequence[tuple[torch.Tensor, int]]) -> list[list[dict]]:
-        images = torch.stack([image for image, _ in items])
-        q = F.normalize(self.model.embed_queries(images.to(model_device(self.model))).float(), dim=1).cpu().numpy()
-        return self._search(q, [k for _, k in items])
+    def _search_images(self, items: Sequence[tuple[torch.Tensor, int, str | None]]) -> list[list[dict]]:
+        images = torch.stack([image for image, _, _ in items]).to(model_device(self.model))
+        modifiers = [modifier for _, _, modifier in items]
+        q = (self.model.embed_queries(images) if all(m is None for m in modifiers)
+             else self.model.embed_queries(images, modifiers))
+        return self._search(F.normalize(q.float(), dim=1).cpu().numpy(), [k for _, k, _ in items])
 
     def _search_vectors(self, items: Sequence[tuple[np.ndarray, int]]) -> list[list[dict]]:
         return self._search(np.stack([v for v, _ in items]), [k for _, k in items])
@@ -87,6 +90,16 @@ class SearchService:
         if k is None or not 1 <= k <= self.max_k:
             raise BadRequest(400, f"k must be an integer in [1, {self.max_k}], got {text!r}")
         return k
+
+    def parse_modifier(self, value: Any) -> str | None:
+        """The optional `modifier` form field of a composed query, for a model trained with composed queries."""
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise BadRequest(400, "the `modifier` field must be a non-empty text")
+        if getattr(self.model, "composer", None) is None:
+            raise BadRequest(400, "this model was not trained with composed queries: it takes no `modifier`")
+        return value
 
     def check_upload(self, data: bytes) -> None:
         if not data:
@@ -186,9 +199,10 @@ def create_app(service: SearchService):
                 raise BadRequest(400, "the upload has no `image` file field")
             data = await upload.read(service.max_upload_bytes + 1)
             name = upload.filename
+            modifier = service.parse_modifier(form.get("modifier"))
         service.check_upload(data)
         image = await run_in_threadpool(service.decode, data, name)
-        return {"results": await service.images.submit((image, k))}
+        return {"results": await service.images.submit((image, k, modifier))}
 
     @app.post("/search/embedding")
     async def search_embedding(request: Request):
