@@ -40,7 +40,7 @@ from oclear_ext import reference  # noqa: E402
 
 DEFAULT_SIZES = (16_384, 65_536, 262_144)
 LARGE_SIZE = 1_048_576
-# CUDA defaults: the target shape (N=1024, D=512) from 64K to 4M classes.
+# CUDA defaults: the target shape (N=1024, D=512) from 64K to 4M classes.
 CUDA_SIZES = (65_536, 262_144, 1_048_576, 4_194_304)
 CUDA_N = 1024
 COSFACE = dict(scale=64.0, margin=(1.0, 0.0, 0.4))
@@ -191,7 +191,7 @@ def bench_size(n: int, d: int, c: int, device: torch.device, dtype: torch.dtype,
     variants, clear_grads = make_variants(x, w, labels, chunks)
     skipped = {}
     # Optional baselines predicted to take longer than the budget per call are skipped, and say so
-    # (torch's automatic chunking grows quadratically in C here: 18 s per call at C = 262,144).
+    # (torch's automatic chunking grows faster than linearly in C here: results/margin_softmax_cpu_float32.log).
     for name in [k for k in variants if k.startswith("lce")]:
         predicted = predicted_seconds(previous, name, c)
         if predicted is not None and predicted > budget_s:

@@ -150,8 +150,9 @@ std::tuple<at::Tensor, at::Tensor> concept_attention_forward(const at::Tensor& q
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "oclear::concept_attention_forward", [&] {
     const AttentionProblem<scalar_t> p = make_problem<scalar_t>(q, k, v, mask, scale);
-    // Non-temporal stores pay off on memory that is mapped already and hurt on fresh pages (forward
-    // + backward at the benchmark shape: 125 vs 143 ms in reused blocks, 279 vs 220 ms in fresh ones).
+    // Non-temporal stores pay off on memory that is mapped already (no write-allocate reads of lines
+    // about to be overwritten) and hurt on fresh pages, whose lines the kernel has just zeroed into the
+    // cache (benchmarks/README.md, the concept-attention CPU kernel notes).
     const bool stream = output_block_reused(out);
     auto* o = out.data_ptr<scalar_t>();
     auto* l = lse.data_ptr<at::opmath_type<scalar_t>>();

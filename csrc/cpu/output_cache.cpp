@@ -9,9 +9,9 @@
 //
 // Why it exists: glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh
 // mapping and unmaps it on free, so each large output of every training step is faulted in again,
-// page by page. On a 2-core VM that costs ~22-30 ms per 128 MiB (kernel page allocation, memory
-// cgroup charge, zeroing), measured: at the concept-attention benchmark shape it was ~40% of the
-// op's forward+backward time, more than the arithmetic. The CUDA caching allocator exists for the
+// page by page (kernel page allocation, memory cgroup charge, zeroing): at the concept-attention
+// benchmark shape that is a large share of the op's forward+backward time, more than the arithmetic
+// (benchmarks/README.md, "CPU allocators and page faults"). The CUDA caching allocator exists for the
 // same reason. A request takes the smallest cached block that fits and is less than twice its size
 // (a training step asks for the same sizes every time; varying ones still find a block); the cache
 // holds at most `limit` bytes and oclear_ext.cpu_output_cache.empty() gives everything back. Blocks
@@ -26,9 +26,9 @@
 // blocks every step, its largest ones (a freed block evicts smaller ones when that caches more bytes;
 // the surplus goes back to the system). Evicting by age alone would let each free evict the block the
 // next request needs, and miss every time in some loops. After a change of shapes
-// the old sizes go stale within a few steps and make way for the new ones, where keeping them forever
-// left later shapes on fresh pages (measured, 1024 x 32 x 256 shared-memory attention after larger
-// per-batch shapes: 330 ms with the old blocks kept, 251 ms as with a clean cache).
+// the old sizes go stale within a few steps and make way for the new ones; keeping them forever would
+// leave later shapes on fresh pages (a smaller shape after larger ones runs as fast as with a clean
+// cache: benchmarks/results/concept_attention_cpu_float32_shape_change.json).
 #include "output_cache.h"
 
 #include <ATen/EmptyTensor.h>

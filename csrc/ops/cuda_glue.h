@@ -56,11 +56,10 @@ inline at::Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& opt
   return at::empty(sizes, opts);
 }
 
-// Classes per chunk: 32 Mi float32 scores (128 MiB; T = 32768 at N = 1024, D = 512). Measured on an H100
-// (bf16, N = 1024, D = 512, C = 1M; benchmarks/results/margin_softmax_cuda_bfloat16_chunk_sweep.*):
-// forward+backward 53.8 / 30.1 / 25.0 / 23.3 / 21.4 / 20.7 ms at T = 2K / 4K / 8K / 16K / 32K / 64K, extra
-// memory 29 / 45 / 77 / 141 / 269 / 525 MiB. Keeping the scores in L2 (small chunks) did not pay: the
-// host's few ATen calls and launches per chunk did. 32K takes most of the gain at half 64K's memory.
+// Classes per chunk: 32 Mi float32 scores (128 MiB; T = 32768 at N = 1024, D = 512). Larger chunks
+// amortise the host's few ATen calls and launches per chunk, which matters more than keeping the scores
+// in L2 with small chunks; past 32K the time barely improves while the scratch memory doubles per step
+// (the sweep of T = 2K..64K at C = 1M: benchmarks/results/margin_softmax_cuda_bfloat16_chunk_sweep.json).
 // forced > 0 (the ops' class_chunk argument) takes T = forced (the sweep and the tests, which cross
 // chunk edges, use it). A T x D float32 buffer of the backward is held to the same size.
 inline int64_t class_chunk(int64_t n, int64_t d, int64_t c_local, int64_t forced) {

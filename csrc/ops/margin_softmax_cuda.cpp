@@ -1,7 +1,7 @@
 // CUDA registration of the margin-softmax private ops (schemas in margin_softmax.cpp), compiled
 // only when setup.py builds the CUDA kernels (OCLEAR_WITH_CUDA).
 //
-// Algorithm (first version, docs/design.md#margin-softmax): the classes are walked in chunks of T; per chunk
+// Algorithm (docs/design.md#margin-softmax): the classes are walked in chunks of T; per chunk
 //   forward:  S = x^ @ W_c^T            ATen GEMM (cuBLAS), float32 output, then the forward
 //                                       epilogue kernel folds S into per-row online-softmax states
 //   backward: S = x^ @ W_c^T            recomputed, then the backward epilogue writes
