@@ -107,6 +107,21 @@ def _commands_in_code_blocks() -> dict[str, set[str]]:
     return found
 
 
+def test_readme_stays_an_entry_point():
+    # Reference material belongs in docs/, history in CHANGELOG.md: the README is what a newcomer reads first.
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines; move reference sections to docs/"
+
+
+def test_user_documentation_names_no_commits():
+    # A commit hash means history (CHANGELOG.md says what changed, in words) or a pointer users cannot follow.
+    commit = re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b")
+    found = [f"{page.relative_to(ROOT)}:{i}: {line.strip()[:80]}"
+             for page in [ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "CHANGELOG.md", *sorted(DOCS.glob("*.md"))]
+             for i, line in enumerate(page.read_text().splitlines(), 1) if commit.search(line)]
+    assert not found, found
+
+
 def test_readme_shows_console_scripts():
     # The scan below would pass vacuously if the code blocks could not be read.
     assert {"oclear-demo", "oclear-train", "oclear-serve"} <= set(_commands_in_code_blocks())
