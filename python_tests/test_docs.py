@@ -1,7 +1,8 @@
 """The documentation: every public name has an API entry, every console script a page shows exists and
-answers --help, every docs/<page>.md#<anchor> the code points at exists, the generated oclear-train
-reference cannot outlive the code, and the site builds with `mkdocs build --strict` (no broken link,
-anchor or page)."""
+answers --help (and every `-m oclear_ext.X` module runs), every docs/<page>.md#<anchor> the code points
+at exists, the generated oclear-train reference cannot outlive the code, the README stays short and no
+page names a commit, and the site builds with `mkdocs build --strict` (no broken link, anchor or page;
+.ci/run also runs that build, before the extension is compiled)."""
 
 from __future__ import annotations
 
@@ -151,6 +152,25 @@ def test_every_command_shown_is_a_console_script_that_answers_help():
         if code != 0 or "usage:" not in out.getvalue():
             failed[name] = f"exit {code}: {out.getvalue()[-600:]}"
     assert not failed, failed
+
+
+def test_every_python_m_module_shown_runs_as_a_script():
+    # `python -m oclear_ext.X` / `torchrun -m oclear_ext.X` in the pages: X must exist and be runnable
+    # (a module with a __main__ guard, or a package with __main__.py).
+    shown = {m.group(1) for page in COMMAND_PAGES for m in re.finditer(r"-m (oclear_ext[\w.]*)", page.read_text())}
+    assert shown, "no `-m oclear_ext...` command found: the scan is broken"
+    broken = []
+    for name in sorted(shown):
+        spec = importlib.util.find_spec(name)
+        if spec is None:
+            broken.append(f"{name}: no such module")
+            continue
+        if spec.submodule_search_locations is not None:  # a package runs its __main__
+            if importlib.util.find_spec(f"{name}.__main__") is None:
+                broken.append(f"{name}: a package without __main__.py")
+        elif "__main__" not in Path(spec.origin).read_text():
+            broken.append(f"{name}: no `if __name__ == \"__main__\"` entry")
+    assert not broken, broken
 
 
 def _slug(heading: str) -> str:
