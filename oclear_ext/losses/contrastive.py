@@ -42,8 +42,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..distributed.collectives import all_gather_rows, gather_rows_with_grad, sum_replicated_with_grad
-
 
 def _check(features: Tensor, labels: Tensor, temperature: float, hard_negative_beta: float,
            valid: Tensor | None, name: str) -> None:
@@ -167,6 +165,9 @@ def gathered_label_aware_contrastive_loss(features: Tensor, labels: Tensor, temp
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return label_aware_contrastive_loss(features, labels, temperature, hard_negative_beta, ignore_index, valid,
                                             normalize, detach_weights)
+    # Imported here: oclear_ext.distributed loads the compiled kernels, which the one-process loss never needs.
+    from ..distributed.collectives import all_gather_rows, gather_rows_with_grad, sum_replicated_with_grad
+
     rank = dist.get_rank(group)
     x = torch.nn.functional.normalize(features.to(_compute_dtype(features.dtype)), dim=1) if normalize else features
     ok = _taking_part(labels, ignore_index, valid)
