@@ -157,7 +157,7 @@ def test_every_command_shown_is_a_console_script_that_answers_help():
 def test_every_python_m_module_shown_runs_as_a_script():
     # `python -m oclear_ext.X` / `torchrun -m oclear_ext.X` in the pages: X must exist and be runnable
     # (a module with a __main__ guard, or a package with __main__.py).
-    shown = {m.group(1) for page in COMMAND_PAGES for m in re.finditer(r"-m (oclear_ext[\w.]*)", page.read_text())}
+    shown = {m.group(1) for page in COMMAND_PAGES for m in re.finditer(r"-m (oclear_ext(?:\.\w+)+)", page.read_text())}
     assert shown, "no `-m oclear_ext...` command found: the scan is broken"
     broken = []
     for name in sorted(shown):
