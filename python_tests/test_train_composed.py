@@ -86,6 +86,11 @@ def test_two_processes_train_composed_queries(manifest, tmp_path):
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
 
 
+def test_a_composed_manifest_needs_composed_queries(manifest, tmp_path):
+    with pytest.raises(ValueError, match=r"has 18 composed queries .* but composed_queries = false"):
+        train(tiny(manifest, tmp_path / "plain", max_steps=1, composed_queries=False))
+
+
 def test_bad_composition_settings_are_named():
     with pytest.raises(ValueError, match="query_composition must be one of"):
         TrainConfig(query_composition="concat")

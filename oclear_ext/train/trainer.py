@@ -253,6 +253,10 @@ def train(config: TrainConfig) -> dict:
     # (rank 0 keeps a cache of the files found good, for resumes and later runs).
     train_manifest = check_manifest_images(load_manifest(train_manifest), config.skip_bad_images,
                                            out / "image_check.json" if rank == 0 else None)
+    composed = sum(it.modifier is not None for it in train_manifest.items)
+    if composed and not config.composed_queries:
+        raise ValueError(f"config: the training manifest has {composed} composed queries (rows with a 'modifier') "
+                         "but composed_queries = false; set composed_queries = true (--composed-queries)")
     dataset = ManifestDataset(train_manifest, image_size=config.image_size, seed=config.seed)
     if rank == 0:
         dataset.class_index.save(out / "classes.json")
