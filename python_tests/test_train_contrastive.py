@@ -167,3 +167,20 @@ def test_two_processes_train_with_the_term_under_torchrun(manifest, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == 4
+
+
+@pytest.mark.slow
+def test_demo_reports_the_clce_row_next_to_concept_fusion(tmp_path):
+    from oclear_ext.train.demo import CLCE, run
+
+    payload = run(["--out", str(tmp_path), "--image-encoder", "small-cnn", "--text-encoder", "hashing",
+                   "--epochs", "1", "--max-steps", "2", "--batch-size", "32", "--seeds", "1"])
+    assert list(payload["summary"]) == ["untrained", "image-only docs", "concept fusion", "concept fusion + CLCE"]
+    assert CLCE["contrastive_weight"] > 0 and payload["clce"] == CLCE
+    saved = json.loads((tmp_path / "run-fusion-clce-seed0" / "config.json").read_text())
+    plain = json.loads((tmp_path / "run-fusion-seed0" / "config.json").read_text())
+    # the same run as "concept fusion" but for the contrastive settings (and the folder)
+    assert {k: v for k, v in saved.items() if k not in CLCE and k != "out_dir"} == \
+        {k: v for k, v in plain.items() if k not in CLCE and k != "out_dir"}
+    assert all(saved[k] == v for k, v in CLCE.items())
+    assert json.loads((tmp_path / "metrics.json").read_text())["summary"].keys() == payload["summary"].keys()

@@ -1,4 +1,4 @@
-"""oclear-demo: train on the built-in emoji data and retrieve held-out emoji, next to two baselines.
+"""oclear-demo: train on the built-in emoji data and retrieve held-out emoji, next to baselines.
 
 Task: a shopper's photo retrieves catalogue items with an image and a title. Here the "photo" is one vendor's
 drawing of an emoji (twitter), the catalogue item is another vendor's drawing (google) plus the emoji's name
@@ -7,13 +7,17 @@ queries, google drawings + text as docs); evaluation uses held-out emoji never s
 
 The encoders are ImageNet EfficientNet-Lite0 and all-MiniLM-L6-v2 from PyPI (frozen, features cached: the
 CPU trains the heads, the fusion and the classifier); --image-encoder small-cnn / --text-encoder hashing train
-small encoders from scratch instead. Three models, same architecture and data, measured in this run, each
+small encoders from scratch instead. Four models, same architecture and data, measured in this run, each
 with --seeds seeds (the table shows mean +- sd over them):
   untrained           random weights (what the numbers would be without learning)
   image-only docs     trained, documents embedded from the image alone (fusion off)
   concept fusion      trained, documents fuse image and text with concept-aware attention (docs/design.md#model),
                       with text dropout and the text loss (what a doc's text adds classifies on its own,
                       class weights fixed)
+  concept fusion + CLCE
+                      concept fusion plus the label-aware contrastive loss with hard-negative weights (CLCE,
+                      docs/contrastive.md) at the weight chosen on a validation split of the training classes
+                      (benchmarks/contrastive_validation.py), never on the held-out classes
 Writes metrics.json, retrieval.png (queries with their top-5 docs), training_curve.png into --out.
 """
 
@@ -37,6 +41,12 @@ from .evaluation import evaluate_on_manifest
 from .trainer import train
 
 COLUMNS = ("R@1", "R@5", "R@10", "mAP@10")
+# The "+ CLCE" row's settings: the pick of benchmarks/contrastive_validation.py on the validation split
+# (results/contrastive_validation_cpu.json); TrainConfig's default stays contrastive_weight = 0 (off).
+CLCE = dict(contrastive_weight=0.1, contrastive_temperature=0.1, contrastive_hard_negative_beta=1.0)
+# name -> (run folder prefix, TrainConfig overrides)
+TRAINED = {"image-only docs": ("image-only", dict(fusion=False)), "concept fusion": ("fusion", {}),
+           "concept fusion + CLCE": ("fusion-clce", CLCE)}
 
 
 def summarise(per_seed: list[dict]) -> dict:
@@ -53,11 +63,12 @@ def format_rows(rows: dict[str, dict]) -> str:
     """One line per model: mean (and +- sd over seeds when there are several) of each metric."""
     with_sd = any(m[c + " sd"] > 0 for m in rows.values() for c in COLUMNS)
     width = 16 if with_sd else 9
-    header = f"{'model':<18}" + "".join(f"{c:>{width}}" for c in COLUMNS)
+    name_width = max([18] + [len(name) + 2 for name in rows])
+    header = f"{'model':<{name_width}}" + "".join(f"{c:>{width}}" for c in COLUMNS)
     lines = [header, "-" * len(header)]
     for name, m in rows.items():
         cells = [f"{m[c]:.4f} +- {m[c + ' sd']:.3f}" if with_sd else f"{m[c]:.4f}" for c in COLUMNS]
-        lines.append(f"{name:<18}" + "".join(f"{cell:>{width}}" for cell in cells))
+        lines.append(f"{name:<{name_width}}" + "".join(f"{cell:>{width}}" for cell in cells))
     return "\n".join(lines)
 
 
@@ -98,6 +109,9 @@ def run(argv: list[str] | None = None) -> dict:
                         help="train and evaluate each model with this many seeds (seed, seed + 1, ...); the table "
                              "shows mean +- sd: one seed's R@1 moves by about 2 points on 579 queries")
     parser.add_argument("--max-steps", type=int, default=None, help="cap on training steps per model (smoke runs)")
+    parser.add_argument("--models", nargs="+", default=list(TRAINED), choices=list(TRAINED), metavar="MODEL",
+                        help=f"the trained models to run (default: all of {list(TRAINED)}; the untrained one is "
+                             "always evaluated)")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
@@ -111,21 +125,23 @@ def run(argv: list[str] | None = None) -> dict:
     heldout = resolve_manifest("builtin:emoji", "heldout", out / "data")
 
     seeds = list(range(args.seed, args.seed + args.seeds))
-    names = ("untrained", "image-only docs", "concept fusion")
+    trained = {name: TRAINED[name] for name in TRAINED if name in args.models}
+    names = ("untrained", *trained)
     per_seed: dict[str, list] = {name: [] for name in names}
-    curves, throughput = {}, {name: [] for name in names[1:]}
+    curves, throughput, seconds = {}, {name: [] for name in names[1:]}, {name: [] for name in names[1:]}
     for seed in seeds:
         torch.manual_seed(seed)
         print(f"seed {seed}: evaluating the untrained model", flush=True)
         untrained = OclearModel(ModelConfig(image_encoder=args.image_encoder, text_encoder=args.text_encoder))
         per_seed["untrained"].append(evaluate_on_manifest(untrained, heldout)[0])
-        for name, fusion in (("image-only docs", False), ("concept fusion", True)):
+        for name, (folder, settings) in trained.items():
             print(f"seed {seed}: training {name}", flush=True)
-            config = TrainConfig(out_dir=str(out / f"run-{'fusion' if fusion else 'image-only'}-seed{seed}"),
-                                 fusion=fusion, image_encoder=args.image_encoder, text_encoder=args.text_encoder,
-                                 epochs=args.epochs, batch_size=args.batch_size, seed=seed,
-                                 max_steps=args.max_steps, log_every=10)
+            config = TrainConfig(out_dir=str(out / f"run-{folder}-seed{seed}"), image_encoder=args.image_encoder,
+                                 text_encoder=args.text_encoder, epochs=args.epochs, batch_size=args.batch_size,
+                                 seed=seed, max_steps=args.max_steps, log_every=10, **settings)
+            t_train = time.perf_counter()
             summary = train(config)
+            seconds[name].append(time.perf_counter() - t_train)
             curves.setdefault(name, summary["losses"])  # the first seed's curve
             throughput[name].append(summary["samples_per_s"])
             result, manifest = evaluate_on_manifest(summary["model"], heldout)
@@ -135,14 +151,16 @@ def run(argv: list[str] | None = None) -> dict:
     table = format_rows(rows)
     q_items = [manifest.items[i] for i in manifest.indices("query")]
     d_items = [manifest.items[i] for i in manifest.indices("doc")]
-    draw_grid(per_seed["concept fusion"][0], [it.image for it in q_items], [it.image for it in d_items],
+    shown = "concept fusion" if "concept fusion" in trained else names[-1]
+    draw_grid(per_seed[shown][0], [it.image for it in q_items], [it.image for it in d_items],
               out / "retrieval.png")
     plot_curves(curves, out / "training_curve.png")
     queries = per_seed["untrained"][0].metrics["instance"]["queries"]
     payload = {"summary": rows, "metrics": {name: [r.metrics for r in results] for name, results in per_seed.items()},
-               "seeds": seeds, "train_samples_per_s": throughput, "image_encoder": args.image_encoder,
-               "text_encoder": args.text_encoder, "epochs": args.epochs, "batch_size": args.batch_size,
-               "seconds": time.perf_counter() - t0, "threads": torch.get_num_threads(), "run": run_info()}
+               "seeds": seeds, "models": list(trained), "train_samples_per_s": throughput, "train_seconds": seconds,
+               "image_encoder": args.image_encoder, "text_encoder": args.text_encoder, "epochs": args.epochs,
+               "batch_size": args.batch_size, "clce": CLCE, "seconds": time.perf_counter() - t0,
+               "threads": torch.get_num_threads(), "run": run_info()}
     (out / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\nheld-out emoji ({queries} twitter queries -> google image + text docs), "
           f"mean over seeds {seeds}\n{table}")
