@@ -32,9 +32,9 @@ _LAZY_NAMES = {
     "build_info": "._ops",
     "margin_softmax_options": "._ops.options",
 }
-_SUBMODULES = ("nn", "optim", "distributed", "reference", "cpu_output_cache", "data", "eval", "models", "search", "train")
+_SUBMODULES = ("nn", "losses", "optim", "distributed", "reference", "cpu_output_cache", "data", "eval", "models", "search", "train")
 
-__all__ = ["margin_softmax_loss", "margin_softmax_options", "concept_attention", "concept_attention_backend", "hardest_classes", "RandomNegatives", "TopKNegatives", "nn", "optim",
+__all__ = ["margin_softmax_loss", "margin_softmax_options", "concept_attention", "concept_attention_backend", "hardest_classes", "RandomNegatives", "TopKNegatives", "nn", "losses", "optim",
            "distributed", "reference", "cpu_output_cache", "build_info"]
 
 

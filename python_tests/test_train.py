@@ -127,7 +127,7 @@ def test_demo_runs_as_a_console_script_and_writes_its_outputs(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "held-out emoji (579 twitter queries" in proc.stdout
     metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
-    assert set(metrics) == {"untrained", "image-only docs", "concept fusion"}
+    assert set(metrics) == {"untrained", "image-only docs", "concept fusion", "concept fusion + CLCE"}
     assert (tmp_path / "retrieval.png").stat().st_size > 0 and (tmp_path / "training_curve.png").stat().st_size > 0
 
 
