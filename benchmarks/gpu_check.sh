@@ -12,8 +12,8 @@
 #   test      the CUDA tests (python_tests/test_*_cuda.py; GPU_CHECK_TESTS overrides), in parallel
 #             processes when pytest-xdist is there, run from $OUT so the installed package is imported
 #             rather than the source tree (the CPU suite is CI's job)           -> tests.log, tests.xml
-#   attention benchmarks/bench_concept_attention.py --device cuda (bf16, the fusion's shapes, issue 7's
-#             target first)                                                    -> attention.log, *.json, *.png
+#   attention benchmarks/bench_concept_attention.py --device cuda (bf16, the fusion's shapes, the
+#             target shape first)                                                    -> attention.log, *.json, *.png
 #   train     oclear-train on the built-in emoji data on the GPU (small encoders, fusion on, bf16
 #             autocast): the training loop's own samples/s                      -> train.log, train/
 #   sanitize  compute-sanitizer memcheck, racecheck, initcheck and synccheck on small calls of every
@@ -23,7 +23,8 @@
 #             linear_cross_entropy / cut-cross-entropy / Liger when present), then a sweep of the
 #             glue's classes-per-chunk at C = 1M     -> bench.log, bench_chunk_sweep.log, *.json, *.png
 #   profile   benchmarks/profile_cuda.py: torch.profiler kernel tables (attention, margin softmax) -> profile.log
-# Measured on an H100 (2026-11-25, MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0): build 90-100 s, test 50 s,
+# Phase times of the last GPU run (benchmarks/results/gpu_h100_2026-11-25/; MAX_JOBS=16, arch 9.0), for
+# sizing GPU_CHECK_SECONDS: build 90-100 s, test 50 s,
 # attention 25 s, train 17 s, sanitize 66-117 s, bench 27 s, profile ~15 s (then: CUDA-core attention only).
 # GPU_CHECK_SECONDS=N bounds the whole run: each phase's timeout is cut to what is left, and a phase
 # with under 15 s left is skipped (said so in the summary), so that a lease ends with logs, not a kill.

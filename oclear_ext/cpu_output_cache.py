@@ -8,8 +8,8 @@ come from torch's CPU allocator like every other op's. Turn the cache on for a p
         train()
 
 Why it exists: glibc maps every large allocation (above its mmap threshold, at most 32 MiB) fresh and
-unmaps it on free, so each large output of every training step is page-faulted in again; on a small VM
-that costs ~22-30 ms per 128 MiB. A general allocator that keeps freed pages mapped (jemalloc or tcmalloc
+unmaps it on free, so each large output of every training step is page-faulted in again, a cost that
+grows with the output's size (measured in benchmarks/README.md, allocator section). A general allocator that keeps freed pages mapped (jemalloc or tcmalloc
 through LD_PRELOAD, or glibc tuned with GLIBC_TUNABLES; see benchmarks/README.md) removes those faults for
 every op in the process, not only this one, and is the first thing to try; the cache is for processes
 that cannot change their allocator.
