@@ -9,7 +9,7 @@ import pytest
 from cli_helpers import assert_cli_error
 from fastapi.testclient import TestClient
 from search_fixtures import built_index, trained_run
-from train_data import planted_composed_manifest
+from train_data import planted_composed_manifest, tiny_config
 
 from oclear_ext.data import load_manifest
 from oclear_ext.eval import embed_manifest
@@ -18,7 +18,7 @@ from oclear_ext.eval.cli import main as eval_main
 from oclear_ext.search import CatalogIndex, load_model
 from oclear_ext.search.cli import main_search
 from oclear_ext.search.server import create_app, load_service
-from oclear_ext.train import TrainConfig, train
+from oclear_ext.train import train
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +26,7 @@ def composed(tmp_path_factory):
     """(run folder, planted composed manifest, its index): an adaptive composed model, 80 steps."""
     folder = tmp_path_factory.mktemp("search-composed")
     manifest = planted_composed_manifest(folder / "data")
-    config = TrainConfig(train_manifest=str(manifest), out_dir=str(folder / "run"), dim=16, num_concepts=4,
-                         num_heads=2, image_size=16, batch_size=12, optimizer="adamw", lr=3e-3, classifier_lr=3e-2,
-                         weight_decay=0.0, warmup_steps=0, scale=16.0, margin=(1.0, 0.0, 0.2), progress=False,
-                         log_every=10, max_steps=80, composed_queries=True)
+    config = tiny_config(manifest, folder / "run", batch_size=12, log_every=10, max_steps=80, composed_queries=True)
     train(config)
     return folder / "run", manifest, built_index(folder / "run", manifest, folder / "index")
 

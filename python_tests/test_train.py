@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from train_data import planted_manifest
+from train_data import planted_manifest, tiny_config as tiny
 
 import oclear_ext._ops.margin_softmax as margin_ops
 import oclear_ext.nn.concept_attention as attention_module
@@ -21,14 +21,6 @@ from oclear_ext.train import TrainConfig, parse_args, train
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     return str(planted_manifest(tmp_path_factory.mktemp("planted")))
-
-
-def tiny(manifest, out, **kw) -> TrainConfig:
-    settings = dict(train_manifest=manifest, out_dir=str(out), dim=16, num_concepts=4, num_heads=2, image_size=16,
-                    batch_size=8, optimizer="adamw", lr=3e-3, classifier_lr=3e-2, weight_decay=0.0, warmup_steps=0,
-                    scale=16.0, margin=(1.0, 0.0, 0.2), progress=False, log_every=1)
-    settings.update(kw)
-    return TrainConfig(**settings)
 
 
 def test_loss_decreases_on_planted_data(manifest, tmp_path):

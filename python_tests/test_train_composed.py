@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from train_data import planted_composed_manifest
+from train_data import planted_composed_manifest, tiny_config
 
 from oclear_ext.eval import embed_manifest, evaluate
 from oclear_ext.data.manifest import load_manifest
@@ -30,11 +30,7 @@ def manifest(tmp_path_factory):
 
 
 def tiny(manifest, out, **kw) -> TrainConfig:
-    settings = dict(train_manifest=manifest, out_dir=str(out), dim=16, num_concepts=4, num_heads=2, image_size=16,
-                    batch_size=12, optimizer="adamw", lr=3e-3, classifier_lr=3e-2, weight_decay=0.0, warmup_steps=0,
-                    scale=16.0, margin=(1.0, 0.0, 0.2), progress=False, log_every=1, composed_queries=True)
-    settings.update(kw)
-    return TrainConfig(**settings)
+    return tiny_config(manifest, out, **{"batch_size": 12, "composed_queries": True, **kw})
 
 
 def r_at_1(model, manifest_path) -> float:

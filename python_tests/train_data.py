@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from oclear_ext.train import TrainConfig
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30),
            "purple": (140, 40, 180), "cyan": (40, 210, 210), "black": (10, 10, 10), "orange": (240, 140, 20)}
 
@@ -58,3 +60,12 @@ def planted_composed_manifest(folder: Path, queries_per_class: int = 3, seed: in
     path = folder / "manifest.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def tiny_config(manifest, out, **overrides) -> TrainConfig:
+    """A TrainConfig small enough to train on the planted data in seconds: 16-d, small encoders, 16 px."""
+    settings = dict(train_manifest=str(manifest), out_dir=str(out), dim=16, num_concepts=4, num_heads=2, image_size=16,
+                    batch_size=8, optimizer="adamw", lr=3e-3, classifier_lr=3e-2, weight_decay=0.0, warmup_steps=0,
+                    scale=16.0, margin=(1.0, 0.0, 0.2), progress=False, log_every=1)
+    settings.update(overrides)
+    return TrainConfig(**settings)

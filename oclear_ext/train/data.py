@@ -39,7 +39,7 @@ def resolve_manifest(spec: str, split: str, work_dir: Path, rank: int = 0) -> Pa
 def _composed(spec: str, split: str, work_dir: Path, rank: int) -> Path:
     from ..data.composed import SPLITS, composed_manifest
 
-    split = spec.partition(":")[2].partition(":")[2] or split
+    split = spec[len(BUILTIN_EMOJI_COMPOSED) + 1:] or split  # "builtin:emoji-composed:val" names its split
     if split not in SPLITS:
         raise ValueError(f"manifest {spec}: the composed emoji split must be one of {SPLITS}, got {split!r}")
     folder = work_dir / f"emoji-composed-{split}"
