@@ -122,13 +122,17 @@ def test_sharded_sampling_per_shard(world_size):
     # shards' active sets. count=0 leaves shards without positives empty (they contribute nothing). Top-9 of
     # 25 classes at world 3 (shards 9, 9, 7): the small shard offers all of its classes. 4 classes at world 3
     # leave the last shard without classes (2, 2, 0).
+    # RandomNegatives(size=9) at 25 classes and 3 x world rows: min(9, len(shard)) classes per shard (all of
+    # the 7-class shard at world 3).
     topk, rate, empty, big_k = TopKNegatives(4), RandomNegatives(rate=0.3), RandomNegatives(count=0), TopKNegatives(9)
+    fixed = RandomNegatives(size=9)
     configs = [
         dict(n_local=4, num_classes=61, dim=6, seed=4, settings=dict(COSFACE, negatives=topk, sparse_grad=True)),
         dict(n_local=3, num_classes=50, dim=5, seed=5, settings=dict(ARCFACE, negatives=rate)),
         dict(n_local=2, num_classes=90, dim=4, seed=6, settings=dict(COSFACE, negatives=empty, sparse_grad=True)),
         dict(n_local=3, num_classes=25, dim=5, seed=9, settings=dict(COSFACE, negatives=big_k, sparse_grad=True)),
         dict(n_local=2, num_classes=4, dim=4, seed=10, settings=dict(ARCFACE, negatives=empty, sparse_grad=True)),
+        dict(n_local=3, num_classes=25, dim=5, seed=11, settings=dict(COSFACE, negatives=fixed, sparse_grad=True)),
     ]
     per_rank = run_ranks(sharded_loss_and_grads, world_size, configs)
     for k, cfg in enumerate(configs):
@@ -147,6 +151,8 @@ def test_sharded_sampling_per_shard(world_size):
                 k = min(negatives.k, stop - start - positives.numel())
                 _, hard = reference.hardest_classes(x[valid], w[start:stop], k, exclude=positives - start)
                 assert torch.equal(mine, torch.sort(torch.cat([positives, hard + start])).values)
+            elif negatives is fixed:
+                assert mine.numel() == min(9, stop - start)
             elif negatives is rate:
                 assert mine.numel() == max(positives.numel(), math.ceil(0.3 * (stop - start)))
             else:

@@ -116,8 +116,8 @@ def test_all_ignored_batch_without_negatives_has_zero_loss():
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: RandomNegatives(), "exactly one of rate and count"),
-        (lambda: RandomNegatives(rate=0.1, count=5), "exactly one of rate and count"),
+        (lambda: RandomNegatives(), "exactly one of rate, count and size"),
+        (lambda: RandomNegatives(rate=0.1, count=5), "exactly one of rate, count and size"),
         (lambda: RandomNegatives(rate=0.0), r"rate must be in \(0, 1\], got 0.0"),
         (lambda: RandomNegatives(rate=1.5), r"rate must be in \(0, 1\]"),
         (lambda: RandomNegatives(count=-1), "count must be an int >= 0"),

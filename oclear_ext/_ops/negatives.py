@@ -3,7 +3,9 @@
 The active set is sorted, without duplicates, and always holds every positive class of the batch (the
 labels of its non-ignored rows); the loss is then the margin softmax over the active classes only
 (Partial FC). Two ways to add negatives:
-- RandomNegatives: uniformly sampled classes (insightface's Partial FC);
+- RandomNegatives: uniformly sampled classes (insightface's Partial FC); with `size`, an active set of a
+  fixed size, chosen on the device without reading anything back to the host (no CUDA synchronisation,
+  static shapes for torch.compile);
 - TopKNegatives: the k classes whose centres come closest to any embedding of the batch (hardest
   negatives, found by the fused scoring op without materialising N x C), plus optional random extras.
 """
@@ -25,16 +27,26 @@ class RandomNegatives:
 
     rate: the active set holds max(#positives, ceil(rate * C)) classes (Partial FC's sample rate).
     count: that many negatives on top of the positives (fewer if fewer classes are left).
-    Exactly one of rate and count. generator: torch.Generator for reproducible draws.
+    size: exactly min(size, C) classes: every positive, the rest uniform negatives. The set is chosen on the
+        device with shapes known in advance (no host read, so no CUDA synchronisation, and torch.compile
+        traces it without a graph break when generator is None). That needs room for every positive without
+        counting them: size must be >= the number of labelled rows the call sees (the batch; the global
+        batch for the sharded head), or >= C (then every class is active); checked from shapes.
+    Exactly one of rate, count and size. generator: torch.Generator for reproducible draws; with size it
+    must live on the embeddings' device (the draw is made there).
     """
 
     rate: float | None = None
     count: int | None = None
     generator: torch.Generator | None = None
+    size: int | None = None
 
     def __post_init__(self) -> None:
-        if (self.rate is None) == (self.count is None):
-            raise ValueError(f"RandomNegatives: give exactly one of rate and count, got rate={self.rate}, count={self.count}")
+        if sum(v is not None for v in (self.rate, self.count, self.size)) != 1:
+            raise ValueError(f"RandomNegatives: give exactly one of rate, count and size, got rate={self.rate}, "
+                             f"count={self.count}, size={self.size}")
+        if self.size is not None and (not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1):
+            raise ValueError(f"RandomNegatives: size must be an int >= 1, got {self.size!r}")
         if self.rate is not None and not (isinstance(self.rate, (int, float)) and 0.0 < self.rate <= 1.0):
             raise ValueError(f"RandomNegatives: rate must be in (0, 1], got {self.rate!r}")
         if self.count is not None and (not isinstance(self.count, int) or isinstance(self.count, bool) or self.count < 0):
@@ -96,11 +108,32 @@ def _eager(fn):
         return torch.compiler.disable(fn)
 
 
-# The active set's size depends on the labels' values (and top-k sorts by scores): torch.compile cannot trace
-# it into a graph of static shapes, so the selection is one deliberate graph break, and everything around it
-# (gathering the active rows, the loss and its backward) compiles. torch.compile(fullgraph=True) of a
-# sampled loss therefore raises; compile without fullgraph.
-@_eager
+def fixed_size_active(negatives: RandomNegatives, labels: Tensor, valid: Tensor, num_classes: int) -> Tensor:
+    """RandomNegatives(size=K): the sorted ids of exactly min(K, C) classes, every positive among them.
+
+    Positives score 2 (scattered by max: deterministic with repeated labels), every class adds a uniform draw
+    in [0, 1), and top-k keeps the K highest: all positives (they fit: check_fixed_size), then a uniform
+    sample of the other classes. No step reads a value back to the host.
+    """
+    marks = torch.zeros(num_classes, device=labels.device).scatter_reduce_(
+        0, torch.where(valid, labels, 0), valid.to(torch.float32) * 2, reduce="amax")
+    scores = marks + torch.rand(num_classes, generator=negatives.generator, device=labels.device)
+    return torch.sort(torch.topk(scores, min(negatives.size, num_classes), sorted=False).indices).values
+
+
+def check_fixed_size(negatives: RandomNegatives, rows: int, num_classes: int, device: torch.device) -> None:
+    """RandomNegatives(size=K), from shapes only: K >= the labelled rows (or >= C) so that every positive fits
+    without counting them, and a generator on the device where the draw is made."""
+    if negatives.size < min(rows, num_classes):
+        raise ValueError(f"RandomNegatives: size = {negatives.size} cannot hold the positives of {rows} rows "
+                         f"among {num_classes} classes; size must be >= {min(rows, num_classes)} (the rows, or the "
+                         f"number of classes)")
+    gen = negatives.generator
+    if gen is not None and gen.device.type != torch.device(device).type:
+        raise ValueError(f"RandomNegatives(size=...): the generator is on {gen.device} but the draw is made on "
+                         f"{device}; create it there (torch.Generator(device=...))")
+
+
 def active_classes(
     negatives: Negatives, embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int
 ) -> Tensor:
@@ -109,6 +142,21 @@ def active_classes(
     Never empty: a batch whose rows are all ignored and that samples no negative gets class 0 as a
     placeholder (the loss of such a batch is 0 whatever the classes).
     """
+    if isinstance(negatives, RandomNegatives) and negatives.size is not None:
+        check_fixed_size(negatives, labels.shape[0], weight.shape[0], labels.device)
+        return fixed_size_active(negatives, labels, labels != ignore_index, weight.shape[0])
+    return data_dependent_active_classes(negatives, embeddings, weight, labels, ignore_index)
+
+
+# Here the active set's size depends on the labels' values (and top-k sorts by scores): torch.compile cannot
+# trace it into a graph of static shapes, so the selection is one deliberate graph break, and everything
+# around it (gathering the active rows, the loss and its backward) compiles. torch.compile(fullgraph=True) of
+# such a sampled loss therefore raises; compile without fullgraph, or use RandomNegatives(size=...).
+@_eager
+def data_dependent_active_classes(
+    negatives: Negatives, embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int
+) -> Tensor:
+    """active_classes for every sampler but RandomNegatives(size=...): sizes read from the labels."""
     valid = labels != ignore_index
     # Ignored rows (possibly padding) must not score: each takes the first labelled row's place (a repeated
     # row leaves every column max unchanged), chosen on the device without reading `valid` back to the host.
@@ -124,6 +172,8 @@ def sample_active(negatives: Negatives, scoring_rows: Tensor, weight: Tensor, po
     among the other rows; top-k scores them against `scoring_rows`. May be empty."""
     num_classes = weight.shape[0]
     if isinstance(negatives, RandomNegatives):
+        if negatives.size is not None:
+            raise ValueError("sample_active: RandomNegatives(size=...) is chosen by fixed_size_active")
         extra = _uniform_classes(num_classes, negatives.num_negatives(num_classes, positives.numel()), positives,
                                  negatives.generator, positives.device)
         return torch.sort(torch.cat([positives, extra])).values

@@ -23,7 +23,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._ops.margin_softmax import OP_NAME, MarginSettings, check_reduction, reduce_rows
-from .._ops.negatives import LOCAL_IGNORE, Negatives, TopKNegatives, restrict_to_active, sample_active
+from .._ops.negatives import (LOCAL_IGNORE, Negatives, RandomNegatives, TopKNegatives, check_fixed_size,
+                              fixed_size_active, restrict_to_active, sample_active)
 from .collectives import (
     all_gather_rows,
     all_reduce_max,
@@ -149,6 +150,11 @@ def sharded_margin_softmax_loss(
     if isinstance(negatives, TopKNegatives) and negatives.k > num_classes:
         # Checked here, identically on every rank: a shard raising alone would leave the others hanging.
         raise ValueError(f"TopKNegatives: k = {negatives.k} exceeds the number of classes, {num_classes}")
+    if _fixed_size(negatives):
+        # From shapes, the same on every rank: the global batch's rows, and the largest shard (ceil(C / P)).
+        world = dist.get_world_size(group)
+        check_fixed_size(negatives, local_labels.shape[0] * world, math.ceil(num_classes / world),
+                         local_embeddings.device)
     if agreement is None:
         check_ranks_agree(local_embeddings, num_classes, settings, reduction, group, local_labels)
     else:
@@ -196,6 +202,10 @@ def sharded_margin_softmax_loss(
     return loss, active
 
 
+def _fixed_size(negatives: Negatives | None) -> bool:
+    return isinstance(negatives, RandomNegatives) and negatives.size is not None
+
+
 def _no_class_statistics(x: Tensor, no_rows: Tensor) -> tuple[Tensor, Tensor]:
     """(lse_r, target_r) of a shard taking no part: lse_r = -inf adds exp(-inf - M) = 0 to every row's sum.
 
@@ -218,6 +228,8 @@ def _sampled_shard_statistics(x: Tensor, labels: Tensor, valid: Tensor, weight_s
     local_labels = labels - shard.start
     if len(shard) == 0:
         active = torch.empty(0, dtype=torch.long, device=x.device)
+    elif _fixed_size(negatives):  # no host read: min(size, len(shard)) classes (checked by the caller)
+        active = fixed_size_active(negatives, local_labels, owned, len(shard))
     else:
         if isinstance(negatives, TopKNegatives) and negatives.k > len(shard):
             negatives = replace(negatives, k=len(shard))  # a small shard offers all of its classes
@@ -226,7 +238,7 @@ def _sampled_shard_statistics(x: Tensor, labels: Tensor, valid: Tensor, weight_s
         active = sample_active(negatives, scoring_rows.detach(), weight_shard, positives)
         if active.numel() == 0 and not bool(valid.any()) and shard.start == 0:
             active = torch.zeros(1, dtype=torch.long, device=x.device)  # all rows ignored: one placeholder class
-    if active.numel() == 0:
+    if active.numel() == 0:  # a shape, not a value: no host read
         no_rows = torch.nn.functional.embedding(active, weight_shard, sparse=sparse_grad)
         lse_r, target_r = _no_class_statistics(x, no_rows)
         return active + shard.start, lse_r, target_r
