@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # CUDA compile gate for CI on a machine without GPU (docs/design.md#build):
-#  1. CMake's OCLEAR_CUDA_GATE target: every csrc/cuda/*.cu for sm_80 and sm_90 with -Xptxas -v;
-#     a kernel that does not compile fails here. The full log (registers, spills, shared memory
-#     per kernel) is kept, and .ci/ptxas_report.py fails on spills outside the allow-list below.
+#  1. CMake's OCLEAR_CUDA_GATE target: every csrc/cuda/*.cu for sm_80 and sm_90, and the fused CUTLASS
+#     kernels csrc/cuda_sm90/*.cu for sm_90a, with -Xptxas -v; a kernel that does not compile fails
+#     here. The full log (registers, spills, shared memory per kernel) is kept, .ci/ptxas_report.py
+#     fails on spills outside the allow-list below and on serialised wgmma, and .ci/check_wgmma.py on a
+#     CUTLASS kernel without wgmma in its PTX. Needs the nvidia-cutlass package (its headers).
 #  2. The CUDA sections of the torch glue (csrc/ops/*.cpp that mention OCLEAR_WITH_CUDA) are
 #     compiled (not linked) with -DOCLEAR_WITH_CUDA against the installed torch's headers (a CPU
 #     wheel lacks c10/cuda's generated cmake-macros header: C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips
@@ -32,7 +34,7 @@ command -v ninja > /dev/null && generator=(-G Ninja)
 
 log="$LOG_DIR/cuda_gate_build.log"
 if ! { cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DOCLEAR_CUDA_GATE=ON &&
-       cmake --build "$build" --target oclear_cuda_gate --parallel "${CMAKE_BUILD_PARALLEL_LEVEL:-2}" -v; } > "$log" 2>&1; then
+       cmake --build "$build" --target oclear_cuda_gate oclear_cuda_gate_sm90 --parallel "${CMAKE_BUILD_PARALLEL_LEVEL:-2}" -v; } > "$log" 2>&1; then
   tail -n 60 "$log" >&2
   echo "cuda gate: FAILED to compile the CUDA kernels (full log: $log)" >&2
   exit 1
@@ -42,6 +44,9 @@ fi
 # They are to be removed when the kernels are tuned on a GPU (issue 10), not hidden: the report lists them.
 allow='<double(, double)?>|^sm_80 .*::(forward_kernel<[^,]+, 2>|backward_dkdv_kernel<[^,]+, 4>)\('
 python .ci/ptxas_report.py "$log" --allow-spills "$allow" | tee "$LOG_DIR/cuda_gate_ptxas.txt"
+# The fused sm_90a GEMMs: every CUTLASS kernel entry in the kept PTX must issue wgmma (a build for plain
+# sm_90, or a lost arch guard, compiles them to empty bodies that would still pass ptxas).
+python .ci/check_wgmma.py "$build/sm90_ptx" | tee "$LOG_DIR/cuda_gate_wgmma.txt"
 
 torch_includes=$(python -c "from torch.utils.cpp_extension import include_paths; print(' '.join(include_paths()))")
 # nvcc may be a wrapper script: ask it where its toolkit lives.
@@ -74,14 +79,14 @@ done
 # defined, with the same signature, by a kernel object or another glue object.
 if [[ $status -eq 0 ]]; then
   defined=$(find "$build" -name "*.o" -print0 | xargs -0 nm -C --defined-only 2>/dev/null | sed -n 's/^[0-9a-f]* [TW] //p' | sort -u)
-  missing=$(nm -C -u "$build"/glue/*.o 2>/dev/null | sed -n 's/^ *U //p' | grep '^oclear::cuda::' | sort -u |
+  missing=$(nm -C -u "$build"/glue/*.o 2>/dev/null | sed -n 's/^ *U //p' | grep -E '^oclear::(cuda|sm90)::' | sort -u |
             while read -r sym; do grep -qxF "$sym" <<< "$defined" || echo "$sym"; done)
   if [[ -n "$missing" ]]; then
     status=1
     echo "cuda gate: the glue calls CUDA launchers that no kernel object defines (signature mismatch?):" | tee -a "$glue_log" >&2
     echo "$missing" | tee -a "$glue_log" >&2
   else
-    echo "cuda gate: every oclear::cuda:: symbol the glue uses is defined by the kernel objects" | tee -a "$glue_log"
+    echo "cuda gate: every oclear::cuda:: and oclear::sm90:: symbol the glue uses is defined by the kernel objects" | tee -a "$glue_log"
   fi
 fi
 echo "cuda gate: done in $(( $(date +%s) - start )) s (logs in $LOG_DIR)"

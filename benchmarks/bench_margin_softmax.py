@@ -2,15 +2,19 @@
 
 Variants, in one process on the same inputs (N x D embeddings, C x D class weights):
   gemm3              the three plain GEMMs of the same shapes (logits, dX, dW): the practical ceiling
-  fused              oclear_ext.margin_softmax_loss, CosFace (s=64, m=0.4)
+  fused              oclear_ext.margin_softmax_loss, CosFace (s=64, m=0.4), default backend (what a user gets)
+  fused_cutlass      the same with backend="cutlass_sm90" (the fused CUTLASS GEMMs; CUDA sm_90 builds with them)
   reference          oclear_ext.reference.margin_softmax_loss, same settings (materialises N x C)
   fused_marginfree   the fused op at margin (1, 0, 0), scale 1, on pre-normalised inputs
+  fused_cutlass_marginfree   the same with backend="cutlass_sm90"
   lce                torch.nn.functional.linear_cross_entropy on the same pre-normalised inputs, no chunking
   lce_chunked_auto   the same with LinearCrossEntropyOptions() (torch's automatic batch chunking)
   lce_chunked_64     the same with batch chunks of 64 rows
-  cce, liger         on CUDA, other fused linear cross-entropies when installed (cut-cross-entropy's
-                     linear_cross_entropy, Liger's LigerFusedLinearCrossEntropyLoss), same margin-free setting
-The margin-free rows compute the same loss as linear_cross_entropy (checked at run time).
+  cce, cce_exact     on CUDA, cut-cross-entropy's linear_cross_entropy when installed: its default gradient
+                     filter, and filter_eps=None (every gradient element kept)
+  liger              Liger's LigerFusedLinearCrossEntropyLoss when installed, same margin-free setting
+The margin-free rows compute the same loss as linear_cross_entropy (checked at run time). At the first size
+every variant's gradients are also compared with a float64 reference (relative Frobenius error of dX, dW).
 
     python benchmarks/bench_margin_softmax.py              # C in {16,384; 65,536; 262,144}
     python benchmarks/bench_margin_softmax.py --large      # adds C = 1,048,576
@@ -58,6 +62,7 @@ def other_fused_losses() -> dict:
         pass
     else:
         found["cce"] = lambda a, b, y: cce(a, b, y)
+        found["cce_exact"] = lambda a, b, y: cce(a, b, y, filter_eps=None)
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except ImportError:
@@ -66,6 +71,12 @@ def other_fused_losses() -> dict:
         liger = LigerFusedLinearCrossEntropyLoss()
         found["liger"] = lambda a, b, y: liger(b, a, y)
     return found
+
+
+def cutlass_available(device: torch.device) -> bool:
+    """Whether backend="cutlass_sm90" can run here: an sm_90 GPU and a build with the sm_90a kernels."""
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+            and bool(oclear_ext.build_info.get("fused_sm90")))
 
 
 def with_class_chunk(fn, t: int):
@@ -123,12 +134,55 @@ def make_variants(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, chunks
             auto, by64 = opts(), opts(batch_chunk_size=64, chunking_method=None)
             variants["lce_chunked_auto"] = run(lambda a, b: F.linear_cross_entropy(a, b, labels, options=auto), xhl, whl)
             variants["lce_chunked_64"] = run(lambda a, b: F.linear_cross_entropy(a, b, labels, options=by64), xhl, whl)
+    if cutlass_available(x.device):
+        fused_cutlass = dict(COSFACE, backend="cutlass_sm90")
+        free_cutlass = dict(MARGIN_FREE, backend="cutlass_sm90")
+        variants["fused_cutlass"] = run(lambda a, b: oclear_ext.margin_softmax_loss(a, b, labels, **fused_cutlass), xl, wl)
+        variants["fused_cutlass_marginfree"] = run(
+            lambda a, b: oclear_ext.margin_softmax_loss(a, b, labels, **free_cutlass), xhl, whl)
     if x.is_cuda:
         for t in chunks:  # the CUDA glue's classes-per-chunk, swept to tune its default
             variants[f"fused_chunk{t}"] = with_class_chunk(variants["fused"], t)
         for name, loss_fn in other_fused_losses().items():
             variants[name] = run(lambda a, b, f=loss_fn: f(a, b, labels), xhl, whl)
+    clear_grads.leaves = {"margin": (xl, wl), "marginfree": (xhl, whl)}
     return variants, clear_grads
+
+
+MARGIN_FREE_VARIANTS = ("fused_marginfree", "fused_cutlass_marginfree", "lce", "lce_chunked_auto", "lce_chunked_64",
+                        "cce", "cce_exact", "liger")
+
+
+def tangent(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """grad with each row's component along the input row removed: what a normalisation passes on."""
+    g, r = grad.double(), rows.double()
+    return g - r * (g * r).sum(1, keepdim=True) / (r * r).sum(1, keepdim=True).clamp_min(1e-300)
+
+
+def gradient_errors(variants: dict, clear_grads, labels: torch.Tensor) -> dict:
+    """name -> relative Frobenius error of (dX, dW) against float64, for every variant but gemm3.
+
+    The margin-free peers take pre-normalised inputs and do not normalise, so their gradients are compared
+    after the projection the normalisation would apply (ours are projected already: a no-op for them)."""
+    refs = {}
+    for key, (a, b) in clear_grads.leaves.items():
+        a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+        settings = MARGIN_FREE if key == "marginfree" else COSFACE
+        reference.margin_softmax_loss(a64, b64, labels, **settings).backward()
+        refs[key] = (a64.grad, b64.grad)
+    out = {}
+    for name, fn in variants.items():
+        if name == "gemm3":
+            continue
+        key = "marginfree" if name in MARGIN_FREE_VARIANTS else "margin"
+        clear_grads()
+        fn()
+        a, b = clear_grads.leaves[key]
+        ga, gb = refs[key]
+        da, db = tangent(a.grad, a), tangent(b.grad, b)
+        out[name] = {"dX": ((da - ga).norm() / ga.norm()).item(), "dW": ((db - gb).norm() / gb.norm()).item()}
+    clear_grads()
+    return out
 
 
 def drop_out_of_memory(variants: dict, clear_grads, device: torch.device) -> dict:
@@ -164,8 +218,12 @@ def check_agreement(variants: dict, dtype: torch.dtype) -> dict:
         ref = variants["reference"]().float()
         torch.testing.assert_close(fused, ref, **tol)
         out["fused_vs_reference_abs_diff"] = (fused - ref).abs().item()
+    if "fused_cutlass" in variants:
+        cut = variants["fused_cutlass"]().float()
+        torch.testing.assert_close(cut, fused, **tol)
+        out["fused_cutlass_vs_fused_abs_diff"] = (cut - fused).abs().item()
     free = variants["fused_marginfree"]().float()
-    for name in ("lce", "cce", "liger"):
+    for name in ("fused_cutlass_marginfree", "lce", "cce", "cce_exact", "liger"):
         if name in variants:
             other = variants[name]().float()
             torch.testing.assert_close(free, other, **tol)
@@ -181,7 +239,7 @@ def predicted_seconds(previous: dict | None, name: str, c: int) -> float | None:
 
 
 def bench_size(n: int, d: int, c: int, device: torch.device, dtype: torch.dtype, repeats: int,
-               previous: dict | None, budget_s: float, chunks: list[int] = ()) -> dict:
+               previous: dict | None, budget_s: float, chunks: list[int] = (), check_gradients: bool = False) -> dict:
     # Inputs drawn on the device itself on CUDA (a CPU draw of 4M x 512 takes longer than the benchmark).
     gen_device = device if device.type == "cuda" else torch.device("cpu")
     g = torch.Generator(device=gen_device).manual_seed(c)
@@ -199,6 +257,10 @@ def bench_size(n: int, d: int, c: int, device: torch.device, dtype: torch.dtype,
             del variants[name]
     skipped.update(drop_out_of_memory(variants, clear_grads, device))
     row = {"N": n, "D": d, "C": c, "agreement": check_agreement(variants, dtype), "variants": {}}
+    if check_gradients:
+        row["gradient_error_vs_float64"] = gradient_errors(variants, clear_grads, labels)
+        print("  gradient error vs float64: " + ", ".join(
+            f"{k} dX {v['dX']:.2e} dW {v['dW']:.2e}" for k, v in row["gradient_error_vs_float64"].items()), flush=True)
     for name, reason in skipped.items():
         row["variants"][name] = {"skipped": reason}
         print(f"  C={c:>9,} {name:<18} skipped: {reason}", flush=True)
@@ -215,11 +277,16 @@ def bench_size(n: int, d: int, c: int, device: torch.device, dtype: torch.dtype,
               f"[{timing.min_s * 1e3:.1f}, {timing.max_s * 1e3:.1f}]  extra {extra / 2**20:9.1f} MiB", flush=True)
     t = {k: v["time"].median_s for k, v in row["variants"].items() if "time" in v}
     ratios = {"fused_over_gemm3": t["fused"] / t["gemm3"]}
+    if "fused_cutlass" in t:
+        ratios["fused_cutlass_over_gemm3"] = t["fused_cutlass"] / t["gemm3"]
+        ratios["fused_cutlass_marginfree_over_gemm3"] = t["fused_cutlass_marginfree"] / t["gemm3"]
     if "reference" in t:
         ratios["reference_over_fused"] = t["reference"] / t["fused"]
-    for name in ("cce", "liger"):
+    for name in ("cce", "cce_exact", "liger"):
         if name in t:
             ratios[f"{name}_over_fused_marginfree"] = t[name] / t["fused_marginfree"]
+            if "fused_cutlass_marginfree" in t:
+                ratios[f"{name}_over_fused_cutlass_marginfree"] = t[name] / t["fused_cutlass_marginfree"]
     lce_names = [k for k in t if k.startswith("lce")]
     if lce_names:
         best = min(lce_names, key=t.get)
@@ -288,6 +355,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--chunks", type=int, nargs="*", default=[],
                         help="CUDA only: also time the fused op at these classes-per-chunk (the class_chunk argument)")
     parser.add_argument("--out", default=common.RESULTS_DIR, help="folder for the JSON and PNG (default %(default)s)")
+    parser.add_argument("--no-gradient-check", action="store_true",
+                        help="skip the float64 gradient comparison at the first size")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -309,7 +378,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows: list[dict] = []
     for c in sizes:
         rows.append(bench_size(args.n, args.d, c, device, dtype, args.repeats, rows[-1] if rows else None, args.budget,
-                               args.chunks if device.type == "cuda" else []))
+                               args.chunks if device.type == "cuda" else [],
+                               check_gradients=not rows and not args.no_gradient_check))
     exponents = fitted_exponents(rows)
     if exponents:
         print("fitted exponent of time in C: " + ", ".join(f"{k} {v:.2f}" for k, v in exponents.items()))

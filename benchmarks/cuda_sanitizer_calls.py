@@ -87,6 +87,34 @@ def margin_softmax_calls(device: torch.device) -> int:
     return calls + 1
 
 
+def fused_margin_softmax_calls(device: torch.device) -> int:
+    """backend="cutlass_sm90" (bf16, sm_90 builds with the fused kernels): ragged row and class tiles, a
+    class shard, chunk edges, ignored rows, a row that takes the true-max path; 0 where unavailable."""
+    if torch.cuda.get_device_capability(device) != (9, 0) or not oclear_ext.build_info.get("fused_sm90"):
+        return 0
+    calls = 0
+    g = torch.Generator(device="cpu").manual_seed(1)
+    for n, c, d, class_start, chunk in ((130, 700, 64, 0, 256), (1, 300, 8, 0, None), (257, 1000, 136, 40, 512)):
+        num_classes = class_start + c + 3
+        direction = torch.randn(d, generator=g)
+        w = (direction + 0.3 * torch.randn(c, d, generator=g)).to(device, torch.bfloat16)
+        x = torch.randn(n, d, generator=g)
+        x[0] = -direction  # cos near -1 with every class: its fixed-shift sum underflows, the true-max path runs
+        x = x.to(device, torch.bfloat16)
+        labels = torch.randint(class_start, class_start + c, (n,), generator=g)
+        labels[n // 2:n // 2 + 1] = -100
+        labels = labels.to(device)
+        settings = MarginSettings(64.0, (1.0, 0.5, 0.0), class_chunk=chunk, backend="cutlass_sm90")
+        args = (class_start, num_classes, *settings.op_args())
+        lse, target, w_inv = FORWARD(x, w, labels, *args)
+        check_finite("fused forward", lse, target, w_inv)
+        gl = torch.rand(n, device=device)
+        for need_x, need_w in ((True, True), (False, True), (True, False)):
+            check_finite("fused backward", *BACKWARD(gl, -gl, x, w, labels, lse, w_inv, *args, need_x, need_w))
+            calls += 1
+    return calls
+
+
 def class_topk_calls(device: torch.device) -> int:
     """hardest_classes on CUDA: the normalisation kernel plus the glue's chunked ATen merge."""
     calls = 0
@@ -141,11 +169,12 @@ def main() -> int:
         return 2
     device = torch.device("cuda")
     calls = margin_softmax_calls(device)
+    fused_calls = fused_margin_softmax_calls(device)
     topk_calls = class_topk_calls(device)
     attention_calls = concept_attention_calls(device)
     tc_calls = concept_attention_calls(device, tensor_cores=True)
     torch.cuda.synchronize()
-    print(f"cuda_sanitizer_calls: {calls} margin-softmax, {topk_calls} hardest-classes, {attention_calls} "
+    print(f"cuda_sanitizer_calls: {calls} margin-softmax, {fused_calls} fused (cutlass_sm90) margin-softmax, {topk_calls} hardest-classes, {attention_calls} "
           f"concept-attention and {tc_calls} tensor-core concept-attention calls completed")
     return 0
 

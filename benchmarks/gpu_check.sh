@@ -8,7 +8,9 @@
 # Phases (each writes its log under $OUT; a failing phase is reported and the next ones still run;
 # each is bounded by a timeout so that one hang cannot eat a lease):
 #   build     pip install --no-build-isolation --no-deps . against this machine's torch (CUDA kernels
-#             for the visible GPU's architecture); the built extension is copied to $OUT -> build.log
+#             for the visible GPU's architecture, Hopper as 9.0a with the fused CUTLASS kernels, whose
+#             headers come from the nvidia-cutlass wheel: installed first from .whl/ when carried there,
+#             see requirements-cuda-build.txt); the built extension is copied to $OUT -> build.log
 #   test      the CUDA tests (python_tests/test_*_cuda.py; GPU_CHECK_TESTS overrides), in parallel
 #             processes when pytest-xdist is there, run from $OUT so the installed package is imported
 #             rather than the source tree (the CPU suite is CI's job)           -> tests.log, tests.xml
@@ -19,12 +21,14 @@
 #   sanitize  compute-sanitizer memcheck, racecheck, initcheck and synccheck on small calls of every
 #             CUDA kernel (benchmarks/cuda_sanitizer_calls.py)                 -> sanitizer_<tool>.log
 #   bench     benchmarks/bench_margin_softmax.py --device cuda (bf16, N=1024, D=512,
-#             C in {65536, 262144, 1048576, 4194304}: fused vs reference vs three bf16 GEMMs vs
-#             linear_cross_entropy / cut-cross-entropy / Liger when present), then a sweep of the
-#             glue's classes-per-chunk at C = 1M     -> bench.log, bench_chunk_sweep.log, *.json, *.png
+#             C in {65536, 262144, 1048576, 4194304}: default and cutlass_sm90 backends vs reference vs
+#             three bf16 GEMMs vs linear_cross_entropy / cut-cross-entropy (default and filter_eps=None) /
+#             Liger when present, gradients against float64 at the first size), then at C = 1M: N = 4096,
+#             D = 256 and D = 1024, and a sweep of the chunked glue's classes-per-chunk
+#             -> bench.log, bench_n4096.log, bench_d256.log, bench_d1024.log, bench_chunk_sweep.log, *.json, *.png
 #   profile   benchmarks/profile_cuda.py: torch.profiler kernel tables (attention, margin softmax) -> profile.log
-# Phase times of the last GPU run (benchmarks/results/gpu_h100_2026-11-25/; MAX_JOBS=16, arch 9.0), for
-# sizing GPU_CHECK_SECONDS: build 90-100 s, test 50 s,
+# Phase times of the last GPU run (benchmarks/results/gpu_h100_2026-11-25/; MAX_JOBS=16, arch 9.0, before
+# the CUTLASS kernels, which add about 2 min of nvcc for one file), for sizing GPU_CHECK_SECONDS: build 90-100 s, test 50 s,
 # attention 25 s, train 17 s, sanitize 66-117 s, bench 27 s, profile ~15 s (then: CUDA-core attention only).
 # GPU_CHECK_SECONDS=N bounds the whole run: each phase's timeout is cut to what is left, and a phase
 # with under 15 s left is skipped (said so in the summary), so that a lease ends with logs, not a kill.
@@ -62,8 +66,13 @@ limit() {  # a phase's own cap in seconds -> its timeout, cut to the time left b
 note "phases: ${PHASES[*]}; environment in $OUT/environment.txt"
 
 run_build() {
-  (cd "$REPO" && timeout "$(limit 420)" "$PY" -m pip install --no-build-isolation --no-deps -v . ) > "$OUT/build.log" 2>&1 || return $?
-  (cd "$OUT" && "$PY" -c "import oclear_ext, json, shutil; print(json.dumps(oclear_ext.build_info)); assert oclear_ext.build_info['with_cuda'], 'built without CUDA kernels'; import importlib; print('extension', shutil.copy(importlib.import_module('oclear_ext._C').__file__, '.'))") >> "$OUT/build.log" 2>&1
+  # The CUTLASS headers (a pure-Python wheel, no dependencies needed for the headers).
+  if ! "$PY" -c "import cutlass_library" 2> /dev/null; then
+    compgen -G "$REPO/.whl/nvidia_cutlass-*.whl" > /dev/null &&
+      "$PY" -m pip install -q --no-index --no-deps "$REPO"/.whl/nvidia_cutlass-*.whl > "$OUT/build.log" 2>&1
+  fi
+  (cd "$REPO" && timeout "$(limit 420)" "$PY" -m pip install --no-build-isolation --no-deps -v . ) >> "$OUT/build.log" 2>&1 || return $?
+  (cd "$OUT" && "$PY" -c "import oclear_ext, json, shutil, torch; print(json.dumps(oclear_ext.build_info)); assert oclear_ext.build_info['with_cuda'], 'built without CUDA kernels'; assert oclear_ext.build_info['fused_sm90'] or torch.cuda.get_device_capability() != (9, 0), 'an sm_90 GPU but no fused kernels: ' + oclear_ext.build_info['fused_sm90_reason']; import importlib; print('extension', shutil.copy(importlib.import_module('oclear_ext._C').__file__, '.'))") >> "$OUT/build.log" 2>&1
 }
 
 run_test() {
@@ -120,7 +129,11 @@ run_sanitize() {
 }
 
 run_bench() {
-  (cd "$OUT" && timeout "$(limit 300)" "$PY" "$REPO/benchmarks/bench_margin_softmax.py" --device cuda --out "$OUT") > "$OUT/bench.log" 2>&1 || return $?
+  local bench=("$PY" "$REPO/benchmarks/bench_margin_softmax.py" --device cuda --out "$OUT")
+  (cd "$OUT" && timeout "$(limit 300)" "${bench[@]}") > "$OUT/bench.log" 2>&1 || return $?
+  (cd "$OUT" && timeout "$(limit 90)" "${bench[@]}" --sizes 1048576 --n 4096 --no-gradient-check --tag _n4096) > "$OUT/bench_n4096.log" 2>&1
+  (cd "$OUT" && timeout "$(limit 90)" "${bench[@]}" --sizes 1048576 --d 256 --no-gradient-check --tag _d256) > "$OUT/bench_d256.log" 2>&1
+  (cd "$OUT" && timeout "$(limit 90)" "${bench[@]}" --sizes 1048576 --d 1024 --no-gradient-check --tag _d1024) > "$OUT/bench_d1024.log" 2>&1
   # The classes-per-chunk default of the CUDA glue comes from this sweep at C = 1M: re-check it.
   (cd "$OUT" && timeout "$(limit 200)" "$PY" "$REPO/benchmarks/bench_margin_softmax.py" --device cuda --out "$OUT" --sizes 1048576 \
      --chunks 2048 4096 8192 16384 32768 65536 --tag _chunk_sweep) > "$OUT/bench_chunk_sweep.log" 2>&1

@@ -159,7 +159,7 @@ def test_class_chunk_and_check_labels_are_arguments_and_a_block_default():
         with oclear_ext.margin_softmax_options(class_chunk=-3):
             pass
     head = oclear_ext.nn.MarginSoftmaxLoss(700, 6, class_chunk=3, check_labels=False)
-    assert head.settings.op_args()[-2:] == (3, False)
+    assert head.settings.op_args()[-3:] == (3, False, "auto")
     scores, ids = oclear_ext.hardest_classes(x, w, 4)
     scores_chunked, ids_chunked = oclear_ext.hardest_classes(x, w, 4, class_chunk=3)
     torch.testing.assert_close(scores, scores_chunked)

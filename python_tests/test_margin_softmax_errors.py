@@ -51,6 +51,9 @@ def call(x=None, w=None, labels=None, **kwargs):
         (dict(reduction="avg"), ValueError, r"reduction must be one of \('mean', 'sum', 'none'\), got 'avg'"),
         (dict(arcface_grad="approx"), ValueError, r"arcface_grad must be one of \('exact', 'straight_through'\), got 'approx'"),
         (dict(ignore_index=1.5), TypeError, r"ignore_index must be an int"),
+        (dict(backend="cutlass"), ValueError, r"backend must be one of 'auto', 'chunked', 'cutlass_sm90', got 'cutlass'"),
+        (dict(backend="cutlass_sm90"), ValueError,
+         r"backend='cutlass_sm90' selects CUDA kernels \(compute capability 9.0\), but the embeddings are on cpu"),
     ],
 )
 def test_bad_input_raises_named_error(kwargs, error, match):
@@ -89,3 +92,17 @@ def test_module_rejects_bad_settings(kwargs, match):
         return
     with pytest.raises(ValueError, match=match):
         MarginSoftmaxLoss(**kwargs)
+
+
+def test_backend_option_block():
+    x, w, labels = good()
+    with oclear_ext.margin_softmax_options(backend="chunked"):
+        chunked = oclear_ext.margin_softmax_loss(x, w, labels)
+    assert torch.equal(chunked, oclear_ext.margin_softmax_loss(x, w, labels))  # the CPU kernels either way
+    with pytest.raises(ValueError, match=r"margin_softmax_options: backend must be one of"):
+        with oclear_ext.margin_softmax_options(backend="fast"):
+            pass
+    # The block's backend reaches the op: on the CPU the CUDA-only one is refused.
+    with oclear_ext.margin_softmax_options(backend="cutlass_sm90"):
+        with pytest.raises(ValueError, match=r"selects CUDA kernels"):
+            oclear_ext.margin_softmax_loss(x, w, labels)

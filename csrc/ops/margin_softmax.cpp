@@ -17,6 +17,7 @@
 #include "../cpu/class_chunks.h"
 #include "../cpu/margin_softmax.h"
 #include "margin_softmax_checks.h"
+#include "margin_softmax_fused.h"
 
 namespace oclear {
 namespace {
@@ -91,13 +92,31 @@ void check_row_vector(const at::Tensor& t, int64_t n, at::ScalarType acc, const 
                    ", got ", t.scalar_type());
 }
 
+MarginBackend parse_margin_backend(c10::string_view name, const at::Tensor& embeddings) {
+  MarginBackend b;
+  if (name == "auto") {
+    b = MarginBackend::kAuto;
+  } else if (name == "chunked") {
+    b = MarginBackend::kChunked;
+  } else if (name == "cutlass_sm90") {
+    b = MarginBackend::kCutlassSm90;
+  } else {
+    TORCH_CHECK_VALUE(false, kOp, "backend must be one of 'auto', 'chunked', 'cutlass_sm90', got '", name, "'");
+  }
+  TORCH_CHECK_VALUE(b != MarginBackend::kCutlassSm90 || embeddings.is_cuda(), kOp,
+                    "backend='cutlass_sm90' selects CUDA kernels (compute capability 9.0), but the embeddings are on ",
+                    embeddings.device());
+  return b;
+}
+
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
     int64_t class_start, int64_t num_classes, double scale, double m1, double m2, double m3,
     std::optional<double> interclass_filter, int64_t ignore_index, bool straight_through,
-    int64_t class_chunk, bool check_labels) {
+    int64_t class_chunk, bool check_labels, c10::string_view backend) {
+  parse_margin_backend(backend, embeddings);
   const cpu::MarginSoftmaxArgs args =
       check_problem(embeddings, weight, labels, class_start, num_classes, scale, m1, m2, m3,
                     interclass_filter, ignore_index, straight_through, class_chunk, check_labels);
@@ -109,8 +128,9 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& lse,
     const at::Tensor& weight_inv_norm, int64_t class_start, int64_t num_classes, double scale,
     double m1, double m2, double m3, std::optional<double> interclass_filter, int64_t ignore_index,
-    bool straight_through, int64_t class_chunk, bool check_labels, bool need_grad_embeddings,
-    bool need_grad_weight) {
+    bool straight_through, int64_t class_chunk, bool check_labels, c10::string_view backend,
+    bool need_grad_embeddings, bool need_grad_weight) {
+  parse_margin_backend(backend, embeddings);
   const cpu::MarginSoftmaxArgs args =
       check_problem(embeddings, weight, labels, class_start, num_classes, scale, m1, m2, m3,
                     interclass_filter, ignore_index, straight_through, class_chunk, check_labels);
@@ -131,7 +151,8 @@ TORCH_LIBRARY_FRAGMENT(oclear, m) {
   m.def(
       "margin_softmax_forward(Tensor embeddings, Tensor weight, Tensor labels, int class_start, "
       "int num_classes, float scale, float m1, float m2, float m3, float? interclass_filter, "
-      "int ignore_index, bool straight_through, int class_chunk=0, bool check_labels=True) -> "
+      "int ignore_index, bool straight_through, int class_chunk=0, bool check_labels=True, "
+      "str backend=\"auto\") -> "
       "(Tensor lse, Tensor target_logit, "
       "Tensor weight_inv_norm)",
       {at::Tag::pt2_compliant_tag});
@@ -139,7 +160,7 @@ TORCH_LIBRARY_FRAGMENT(oclear, m) {
       "margin_softmax_backward(Tensor grad_lse, Tensor grad_target, Tensor embeddings, "
       "Tensor weight, Tensor labels, Tensor lse, Tensor weight_inv_norm, int class_start, "
       "int num_classes, float scale, float m1, float m2, float m3, float? interclass_filter, "
-      "int ignore_index, bool straight_through, int class_chunk, bool check_labels, "
+      "int ignore_index, bool straight_through, int class_chunk, bool check_labels, str backend, "
       "bool need_grad_embeddings, bool need_grad_weight) -> (Tensor grad_embeddings, Tensor grad_weight)",
       {at::Tag::pt2_compliant_tag});
 }

@@ -37,6 +37,7 @@
 #include "../cuda/margin_softmax.cuh"
 #include "cuda_glue.h"
 #include "margin_softmax_checks.h"
+#include "margin_softmax_fused.h"
 
 namespace oclear {
 namespace {
@@ -72,11 +73,21 @@ void check_labels_on_device(const at::Tensor& labels, int64_t num_classes, int64
   }
 }
 
+// Whether this call runs the fused CUTLASS kernels: only when asked for ("auto" keeps the chunked path until
+// a GPU run has verified them); asked for and unable to run is an error that says why.
+bool use_fused(MarginBackend backend, const at::Tensor& embeddings, const at::Tensor& weight) {
+  if (backend != MarginBackend::kCutlassSm90) return false;
+  const std::string reason = fused_unavailable_reason(embeddings, weight);
+  TORCH_CHECK_VALUE(reason.empty(), kOp, "backend='cutlass_sm90' cannot run this call: ", reason);
+  return true;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels_in,
     int64_t class_start, int64_t num_classes, double scale, double m1, double m2, double m3,
     std::optional<double> interclass_filter, int64_t ignore_index, bool straight_through, int64_t class_chunk_arg,
-    bool check_labels) {
+    bool check_labels, c10::string_view backend) {
+  const bool fused = use_fused(parse_margin_backend(backend, embeddings), embeddings, weight);
   const cpu::MarginSoftmaxArgs args = check_problem(embeddings, weight, labels_in, class_start, num_classes,
                                                     scale, m1, m2, m3, interclass_filter, ignore_index,
                                                     straight_through, class_chunk_arg, check_labels);
@@ -84,6 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor labels = labels_in.contiguous();
   if (check_labels) check_labels_on_device(labels, num_classes, ignore_index, stream);
+  if (fused) return fused_forward(embeddings, weight, labels, args);
 
   const int64_t n = embeddings.size(0), d = embeddings.size(1), c_local = weight.size(0);
   const at::ScalarType acc = at::toOpMathType(embeddings.scalar_type());
@@ -127,8 +139,9 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& weight, const at::Tensor& labels_in, const at::Tensor& lse_in,
     const at::Tensor& w_inv_in, int64_t class_start, int64_t num_classes, double scale, double m1,
     double m2, double m3, std::optional<double> interclass_filter, int64_t ignore_index,
-    bool straight_through, int64_t class_chunk_arg, bool check_labels, bool need_grad_embeddings,
-    bool need_grad_weight) {
+    bool straight_through, int64_t class_chunk_arg, bool check_labels, c10::string_view backend,
+    bool need_grad_embeddings, bool need_grad_weight) {
+  const bool fused = use_fused(parse_margin_backend(backend, embeddings), embeddings, weight);
   const cpu::MarginSoftmaxArgs args = check_problem(embeddings, weight, labels_in, class_start, num_classes,
                                                     scale, m1, m2, m3, interclass_filter, ignore_index,
                                                     straight_through, class_chunk_arg, check_labels);
@@ -146,6 +159,10 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor labels = labels_in.contiguous();
   if (check_labels) check_labels_on_device(labels, num_classes, ignore_index, stream);
+  if (fused) {
+    return fused_backward(grad_lse_in.contiguous(), grad_target_in.contiguous(), embeddings, weight, labels,
+                          lse_in.contiguous(), w_inv_in.contiguous(), args, need_grad_embeddings, need_grad_weight);
+  }
 
   const cuda::Dtype dtype = to_dtype(embeddings.scalar_type());
   const cuda::Dtype acc_dtype = to_dtype(acc);

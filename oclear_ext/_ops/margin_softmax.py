@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .autocast import register_weight_preserving_autocast
-from .options import current_options
+from .options import check_margin_backend, current_options
 from .negatives import LOCAL_IGNORE, Negatives, active_classes, restrict_to_active
 
 OP_NAME = "oclear_ext.margin_softmax_loss"
@@ -44,6 +44,7 @@ class MarginSettings:
     ignore_index: int = -100
     class_chunk: int | None = None      # None: the margin_softmax_options block's (automatic by default)
     check_labels: bool | None = None    # None: the margin_softmax_options block's (True by default)
+    backend: str | None = None          # None: the margin_softmax_options block's ("auto" by default)
 
     def __post_init__(self) -> None:
         if not isinstance(self.scale, Real) or isinstance(self.scale, bool):
@@ -66,6 +67,8 @@ class MarginSettings:
             raise ValueError(f"{OP_NAME}: class_chunk must be a positive int or None (automatic), got {self.class_chunk!r}")
         if self.check_labels is not None and not isinstance(self.check_labels, bool):
             raise TypeError(f"{OP_NAME}: check_labels must be a bool or None, got {self.check_labels!r}")
+        if self.backend is not None:
+            check_margin_backend(self.backend, OP_NAME)
         # Ranges of m1, m2, m3 and the filter are checked in C++ (csrc/include/oclear/checks.h),
         # once for every backend.
 
@@ -77,8 +80,9 @@ class MarginSettings:
         block = current_options()
         chunk = self.class_chunk if self.class_chunk is not None else block.class_chunk
         check = self.check_labels if self.check_labels is not None else block.check_labels
+        backend = self.backend if self.backend is not None else block.backend
         return (self.scale, m1, m2, m3, filt, self.ignore_index, self.arcface_grad == "straight_through",
-                chunk or 0, check)
+                chunk or 0, check, backend)
 
 
 def check_reduction(reduction: str) -> None:
@@ -117,7 +121,8 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.register_fake("oclear::margin_softmax_forward")
 def _forward_fake(embeddings, weight, labels, class_start, num_classes, scale, m1, m2, m3,
-                  interclass_filter, ignore_index, straight_through, class_chunk=0, check_labels=True):
+                  interclass_filter, ignore_index, straight_through, class_chunk=0, check_labels=True,
+                  backend="auto"):
     check_same_device(embeddings=embeddings, weight=weight, labels=labels)
     torch._check(embeddings.dim() == 2 and weight.dim() == 2, lambda: f"{OP_NAME}: embeddings and weight must be 2-D")
     torch._check(weight.shape[1] == embeddings.shape[1], lambda: f"{OP_NAME}: weight and embeddings differ in D")
@@ -129,21 +134,21 @@ def _forward_fake(embeddings, weight, labels, class_start, num_classes, scale, m
 @torch.library.register_fake("oclear::margin_softmax_backward")
 def _backward_fake(grad_lse, grad_target, embeddings, weight, labels, lse, weight_inv_norm, class_start,
                    num_classes, scale, m1, m2, m3, interclass_filter, ignore_index, straight_through,
-                   class_chunk, check_labels, need_grad_embeddings, need_grad_weight):
+                   class_chunk, check_labels, backend, need_grad_embeddings, need_grad_weight):
     grad_x = torch.empty_like(embeddings, memory_format=torch.contiguous_format) if need_grad_embeddings else embeddings.new_empty(0)
     grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_grad_weight else weight.new_empty(0)
     return grad_x, grad_w
 
 
-_TUNING_DEFAULTS = (0, True)  # class_chunk, check_labels in the forward schema
+_TUNING_DEFAULTS = (0, True, "auto")  # class_chunk, check_labels, backend in the forward schema
 
 
 def _setup_context(ctx, inputs, output) -> None:
     embeddings, weight, labels, *settings = inputs
     lse, _target, weight_inv_norm = output
     ctx.save_for_backward(embeddings, weight, labels, lse, weight_inv_norm)
-    # class_start, num_classes, scale, m1, m2, m3, filter, ignore_index, straight_through, class_chunk, check_labels;
-    # the last two have schema defaults, which a traced call may leave out: the backward op takes them all.
+    # class_start, num_classes, scale, m1, m2, m3, filter, ignore_index, straight_through, class_chunk, check_labels,
+    # backend; the last three have schema defaults, which a traced call may leave out: the backward op takes them all.
     ctx.settings = (*settings, *_TUNING_DEFAULTS[len(settings) - 9:])
 
 
@@ -178,6 +183,7 @@ def margin_softmax_loss(
     return_active: bool = False,
     class_chunk: int | None = None,
     check_labels: bool | None = None,
+    backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Normalised margin softmax cross-entropy, fused: never materialises the N x C logits.
 
@@ -206,12 +212,17 @@ def margin_softmax_loss(
             True by default. On CUDA the check reads one flag back to the host, a stream synchronisation per
             call: pass False in a training loop whose labels are valid by construction (the kernels never use
             a label as an address, so a bad label cannot corrupt memory; it only yields a wrong loss).
+        backend: the kernel family (None: the margin_softmax_options block's, "auto" by default): "auto",
+            "chunked" or "cutlass_sm90", the fused CUTLASS GEMMs for Hopper (bfloat16, compute capability 9.0,
+            a build with 9.0a; not yet verified on a GPU, so "auto" does not pick it). A backend that cannot
+            run the call raises, naming why.
 
     Returns:
         The loss: a scalar, or (N,) for reduction="none"; float32 for 16-bit inputs (the statistics are
         accumulated in float32), float64 for float64. With return_active, (loss, active class ids).
     """
-    settings = MarginSettings(scale, margin, arcface_grad, interclass_filter, ignore_index, class_chunk, check_labels)
+    settings = MarginSettings(scale, margin, arcface_grad, interclass_filter, ignore_index, class_chunk, check_labels,
+                              backend)
     check_reduction(reduction)
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError(f"{OP_NAME}: weight must be a 2-D tensor (C, D), got {getattr(weight, 'shape', weight)!r}")

@@ -21,6 +21,16 @@ _UNSET = object()
 class ClassLoopOptions:
     class_chunk: int | None = None   # classes per chunk of the kernels' class loop; None = chosen from N, D
     check_labels: bool = True        # range-check labels (on CUDA: one host synchronisation per call)
+    backend: str = "auto"            # margin-softmax kernels: "auto", "chunked" or "cutlass_sm90"
+
+
+MARGIN_BACKENDS = ("auto", "chunked", "cutlass_sm90")
+
+
+def check_margin_backend(backend: object, where: str) -> str:
+    if not isinstance(backend, str) or backend not in MARGIN_BACKENDS:
+        raise ValueError(f"{where}: backend must be one of {', '.join(map(repr, MARGIN_BACKENDS))}, got {backend!r}")
+    return backend
 
 
 _current = ClassLoopOptions()
@@ -31,9 +41,13 @@ def current_options() -> ClassLoopOptions:
 
 
 @contextlib.contextmanager
-def margin_softmax_options(*, class_chunk=_UNSET, check_labels=_UNSET):
+def margin_softmax_options(*, class_chunk=_UNSET, check_labels=_UNSET, backend=_UNSET):
     """Sets the default class_chunk (a positive int, or None for automatic) and check_labels (bool) of the
-    margin softmax ops and hardest_classes inside the block; nested blocks restore the outer values."""
+    margin softmax ops and hardest_classes inside the block, and the margin softmax's kernel family
+    `backend`: "auto" (the verified kernels of the device: today the CPU kernels, or on CUDA the chunked
+    path), "chunked" (cuBLAS GEMM per class chunk + epilogue kernels on CUDA; the CPU kernels on CPU) or
+    "cutlass_sm90" (the fused CUTLASS GEMMs: CUDA compute capability 9.0, bfloat16, a build with 9.0a;
+    any other call raises, naming why). Nested blocks restore the outer values."""
     global _current
     changes = {}
     if class_chunk is not _UNSET:
@@ -44,6 +58,8 @@ def margin_softmax_options(*, class_chunk=_UNSET, check_labels=_UNSET):
         if not isinstance(check_labels, bool):
             raise TypeError(f"margin_softmax_options: check_labels must be a bool, got {check_labels!r}")
         changes["check_labels"] = check_labels
+    if backend is not _UNSET:
+        changes["backend"] = check_margin_backend(backend, "margin_softmax_options")
     outer = _current
     _current = replace(outer, **changes)
     try:

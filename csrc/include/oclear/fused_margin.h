@@ -1,7 +1,7 @@
 // Per-element and per-row math of the fused margin-softmax kernels (backend "cutlass_sm90":
 // csrc/cuda_sm90/margin_softmax_sm90.cu for the GEMM epilogues, csrc/cuda/margin_softmax_fused.cu for
 // the per-row and per-class kernels), as __host__ __device__ functions so csrc/tests/test_fused_margin.cpp
-// checks them on the host against float64. The algorithm is in docs/design.md#fused-margin-softmax.
+// checks them on the host against float64. The algorithm is in docs/cuda.md ("The fused kernels for Hopper").
 //
 // Notation: raw = x^_i . w_c (the GEMM accumulator, unnormalised class row), w_inv = 1 / max(|w_c|, 1e-12),
 // cos = clamp(raw * w_inv, -1, 1), s the scale, k = s * log2(e).

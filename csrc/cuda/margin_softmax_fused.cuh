@@ -1,0 +1,52 @@
+// Per-row and per-class kernels around the fused margin-softmax GEMMs (backend "cutlass_sm90";
+// the GEMMs: csrc/cuda_sm90/margin_softmax_sm90.cuh; the math: csrc/include/oclear/fused_margin.h).
+// Plain CUDA on raw pointers, compiled for every architecture; bfloat16 operands, float32 statistics,
+// float64 where fused_margin.h says so. Nothing here allocates, synchronises or uses atomics: each output
+// element has one writer, and every sum runs in a fixed order.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include <oclear/margin.h>
+
+namespace oclear::cuda {
+
+// Per row i whose label y (not ignore_index) is in this shard's classes [class_start, class_start + classes):
+//   cos_t = clamp((x^_i . w_{y - class_start}) * w_inv[y - class_start]),  z_t = s * psi(cos_t) (float64),
+//   target_logit[i] = z_t, target_cos[i] = cos_t, target_exp[i] = exp(z_t - s);
+// other rows (label elsewhere or ignore_index): 0, 0, 0. One warp per row, fixed reduction order.
+bool launch_fused_target(const void* x_hat, const void* w, const float* w_inv, const int64_t* labels, int64_t n,
+                         int64_t d, int64_t class_start, int64_t classes, int64_t ignore_index,
+                         const MarginParams<double>& margin,
+                         float* target_logit, float* target_cos, double* target_exp, cudaStream_t stream);
+
+// lse[i] = s + log(sum_t partial[t * m_pad + i] + target_exp[i]) (merged in tile order, float64), and
+// true_max[i] = needs_true_max(that total, classes). One thread per row.
+bool launch_fused_finalize(const float* partial, int64_t m_pad, int64_t tiles, const double* target_exp, int64_t n,
+                           int64_t classes, double scale, float* lse, int32_t* true_max, cudaStream_t stream);
+
+// Rows flagged by launch_fused_finalize: lse[i] recomputed with a true max over every class of the shard
+// (the negatives' logits from x^_i . w_c on CUDA cores, the target's logit from target_logit), so the
+// fixed shift's underflow never reaches the loss. One block per row; unflagged rows return at once.
+// O(flagged rows x classes x d) work: a rare path, see fused_margin.h's needs_true_max.
+bool launch_fused_true_max(const int32_t* true_max, const void* x_hat, const void* w, const float* w_inv,
+                           const int64_t* labels, int64_t n, int64_t d, int64_t class_start, int64_t classes,
+                           int64_t ignore_index, const MarginParams<double>& margin, const float* target_logit,
+                           float* lse, cudaStream_t stream);
+
+// Per-row inputs of the recompute epilogue: lse2 = lse * log2(e), gs = grad_lse * s, and
+// gt = target_grad(target_cos, grad_lse, grad_target, lse) for rows whose label is in the shard
+// (label_col >= 0), else 0.
+bool launch_fused_row_grads(const float* target_cos, const float* label_col, const float* grad_lse,
+                            const float* grad_target, const float* lse, int64_t n,
+                            const MarginParams<double>& margin, float* lse2, float* gs, float* gt,
+                            cudaStream_t stream);
+
+// Per class c of a chunk: r = sum_m r_partial[m * t_pad + c] over the row tiles in order (float64), then
+// beta[c] = projection_coefficient(r, w_inv[c]). One thread per class.
+bool launch_fused_projection(const float* r_partial, int64_t row_tiles, int64_t t_pad, const float* w_inv, int64_t t,
+                             float* beta, cudaStream_t stream);
+
+}  // namespace oclear::cuda

@@ -1,0 +1,119 @@
+"""The fused CUTLASS margin softmax (backend="cutlass_sm90") on a Hopper GPU: against the verified chunked
+path and the float64 reference, bit-for-bit determinism, the true-max fallback, class shards, chunk
+edges, and its errors. Skipped unless the GPU is compute capability 9.0 and the build has the sm_90a
+kernels (oclear_ext.build_info["fused_sm90"]); the algorithm itself is checked on the CPU by
+test_fused_margin_model.py. benchmarks/gpu_check.sh runs this file on the lent GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import oclear_ext
+from oclear_ext import reference
+
+FUSED_READY = (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+               and bool(oclear_ext.build_info.get("fused_sm90")))
+pytestmark = pytest.mark.skipif(not FUSED_READY, reason="needs an sm_90 GPU and a build with the sm_90a kernels")
+
+MARGINS = {"cosface": (1.0, 0.0, 0.4), "arcface": (1.0, 0.5, 0.0), "combined": (1.2, 0.3, 0.15)}
+
+
+def inputs(n, c, d, seed=0, ignore_every=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(c, d, generator=g)
+    labels = torch.randint(0, c, (n,), generator=g)
+    x = w[labels] * 0.4 + torch.randn(n, d, generator=g)
+    if ignore_every:
+        labels[::ignore_every] = -100
+    return x.cuda().bfloat16(), w.cuda().bfloat16(), labels.cuda()
+
+
+def loss_and_grads(x, w, labels, **kwargs):
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    loss = oclear_ext.margin_softmax_loss(x, w, labels, **kwargs)
+    loss.backward()
+    return loss.detach().double(), x.grad.double(), w.grad.double()
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("margin", sorted(MARGINS))
+@pytest.mark.parametrize("n, c, d", [(1, 300, 64), (200, 1000, 128), (1024, 70_000, 512)])
+def test_matches_chunked_path_and_float64(margin, n, c, d):
+    x, w, labels = inputs(n, c, d, ignore_every=13 if n > 1 else 0)
+    kwargs = dict(scale=64.0, margin=MARGINS[margin])
+    fused = loss_and_grads(x, w, labels, backend="cutlass_sm90", **kwargs)
+    chunked = loss_and_grads(x, w, labels, backend="chunked", **kwargs)
+    want = loss_and_grads(x.double(), w.double(), labels, **kwargs)
+    assert abs(fused[0] - want[0]) <= 1e-4 * abs(want[0]) + 1e-6
+    for got, base, ref in zip(fused[1:], chunked[1:], want[1:]):
+        # Both paths round B to bf16 before the gradient GEMMs: the fused error stays within twice the chunked one.
+        assert rel(got, ref) <= 2 * rel(base, ref) + 1e-3
+
+
+def test_interclass_filter_and_straight_through():
+    x, w, labels = inputs(300, 2000, 256, seed=1)
+    kwargs = dict(scale=32.0, margin=MARGINS["arcface"], interclass_filter=0.3, arcface_grad="straight_through")
+    fused = loss_and_grads(x, w, labels, backend="cutlass_sm90", **kwargs)
+    want = loss_and_grads(x.double(), w.double(), labels, **kwargs)
+    assert abs(fused[0] - want[0]) <= 1e-4 * abs(want[0])
+    assert rel(fused[1], want[1]) < 2e-2 and rel(fused[2], want[2]) < 2e-2
+
+
+@pytest.mark.parametrize("class_chunk", [256, 300, 4096])
+def test_chunk_edges_and_determinism(class_chunk):
+    x, w, labels = inputs(333, 5000, 128, seed=2)
+    with oclear_ext.margin_softmax_options(backend="cutlass_sm90", class_chunk=class_chunk):
+        first = loss_and_grads(x, w, labels)
+        second = loss_and_grads(x, w, labels)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b), "two runs must give bit-identical loss and gradients"
+    want = loss_and_grads(x.double(), w.double(), labels)
+    assert rel(first[2], want[2]) < 2e-2
+
+
+def test_underflowing_rows_take_the_true_max():
+    d, c = 64, 3000
+    direction = torch.randn(d)
+    w = (-direction[None, :] + 0.2 * torch.randn(c, d)).cuda().bfloat16()
+    x = torch.cat([direction[None, :].expand(4, d), torch.randn(4, d)]).cuda().bfloat16()
+    labels = torch.full((8,), -100, device="cuda")
+    forward = torch.ops.oclear.margin_softmax_forward
+    lse, _, _ = forward(x, w, labels, 0, c, 64.0, 1.0, 0.0, 0.4, None, -100, False, 0, True, "cutlass_sm90")
+    want, _, _ = forward(x.double(), w.double(), labels, 0, c, 64.0, 1.0, 0.0, 0.4, None, -100, False, 0, True, "auto")
+    assert torch.isfinite(lse).all()
+    assert torch.allclose(lse.double(), want, rtol=1e-3, atol=0)
+
+
+def test_class_shards_match_the_chunked_op():
+    x, w, labels = inputs(257, 3000, 128, seed=3)
+    forward = torch.ops.oclear.margin_softmax_forward
+    for start, stop in ((0, 1111), (1111, 3000)):
+        args = (x, w[start:stop], labels, start, 3000, 64.0, 1.0, 0.5, 0.0, None, -100, False, 0, True)
+        lse_f, target_f, _ = forward(*args, "cutlass_sm90")
+        lse_c, target_c, _ = forward(*args, "chunked")
+        assert torch.allclose(lse_f, lse_c, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(target_f, target_c, rtol=1e-4, atol=1e-3)
+
+
+def test_unsupported_calls_say_why():
+    x, w, labels = inputs(8, 100, 64)
+    with pytest.raises(ValueError, match="bfloat16"):
+        oclear_ext.margin_softmax_loss(x.half(), w.half(), labels, backend="cutlass_sm90")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        oclear_ext.margin_softmax_loss(x[:, :60], w[:, :60], labels, backend="cutlass_sm90")
+    with pytest.raises(ValueError, match="contiguous"):
+        oclear_ext.margin_softmax_loss(x, w.t().contiguous().t(), labels, backend="cutlass_sm90")
+
+
+def test_reference_agrees_on_a_plain_normalised_softmax():
+    # margin (1, 0, 0): the margin-free softmax the peers compute (benchmarks compare on it).
+    x, w, labels = inputs(512, 20_000, 256, seed=4)
+    got = loss_and_grads(x, w, labels, scale=64.0, margin=(1.0, 0.0, 0.0), backend="cutlass_sm90")
+    want = reference.margin_softmax_loss(x.double(), w.double(), labels, scale=64.0, margin=(1.0, 0.0, 0.0))
+    assert abs(got[0] - want) <= 1e-4 * abs(want)
