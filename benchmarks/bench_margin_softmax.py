@@ -13,6 +13,7 @@ Variants, in one process on the same inputs (N x D embeddings, C x D class weigh
   cce, cce_exact     on CUDA, cut-cross-entropy's linear_cross_entropy when installed: its default gradient
                      filter, and filter_eps=None (every gradient element kept)
   liger              Liger's LigerFusedLinearCrossEntropyLoss when installed, same margin-free setting
+  liger_cmc512, liger_cmc2048   Liger with its chunk_mem_const tuned for this shape (256- / 1024-row chunks at 1M)
 The margin-free rows compute the same loss as linear_cross_entropy (checked at run time). At the first size
 every variant's gradients are also compared with a float64 reference (relative Frobenius error of dX, dW).
 
@@ -70,6 +71,15 @@ def other_fused_losses() -> dict:
     else:
         liger = LigerFusedLinearCrossEntropyLoss()
         found["liger"] = lambda a, b, y: liger(b, a, y)
+        # Liger sizes its row chunks as next_pow2(N / ceil(C / (chunk_mem_const * D))): at C = 1M, D = 512 the
+        # default (1) gives 1-row chunks, a GEMV per row over all of W. Two settings tuned for this shape
+        # (256- and 1024-row chunks at C = 1M), through the autograd function's chunk_mem_const argument
+        # (liger-kernel 0.8.5, benchmarks/fetch_gpu_wheels.sh).
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction as flce
+
+        for const in (512, 2048):
+            found[f"liger_cmc{const}"] = lambda a, b, y, c=const: flce.apply(
+                a, b, y, None, None, -100, 0.0, 0.0, "mean", None, False, None, False, False, False, None, None, c)[0]
     return found
 
 
@@ -150,7 +160,7 @@ def make_variants(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, chunks
 
 
 MARGIN_FREE_VARIANTS = ("fused_marginfree", "fused_cutlass_marginfree", "lce", "lce_chunked_auto", "lce_chunked_64",
-                        "cce", "cce_exact", "liger")
+                        "cce", "cce_exact", "liger", "liger_cmc512", "liger_cmc2048")
 
 
 def tangent(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -223,7 +233,7 @@ def check_agreement(variants: dict, dtype: torch.dtype) -> dict:
         torch.testing.assert_close(cut, fused, **tol)
         out["fused_cutlass_vs_fused_abs_diff"] = (cut - fused).abs().item()
     free = variants["fused_marginfree"]().float()
-    for name in ("fused_cutlass_marginfree", "lce", "cce", "cce_exact", "liger"):
+    for name in ("fused_cutlass_marginfree", "lce", "cce", "cce_exact", "liger", "liger_cmc512", "liger_cmc2048"):
         if name in variants:
             other = variants[name]().float()
             torch.testing.assert_close(free, other, **tol)
@@ -282,7 +292,7 @@ def bench_size(n: int, d: int, c: int, device: torch.device, dtype: torch.dtype,
         ratios["fused_cutlass_marginfree_over_gemm3"] = t["fused_cutlass_marginfree"] / t["gemm3"]
     if "reference" in t:
         ratios["reference_over_fused"] = t["reference"] / t["fused"]
-    for name in ("cce", "cce_exact", "liger"):
+    for name in ("cce", "cce_exact", "liger", "liger_cmc512", "liger_cmc2048"):
         if name in t:
             ratios[f"{name}_over_fused_marginfree"] = t[name] / t["fused_marginfree"]
             if "fused_cutlass_marginfree" in t:

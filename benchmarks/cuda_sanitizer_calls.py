@@ -17,7 +17,6 @@ call behaved.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch

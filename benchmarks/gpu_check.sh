@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine should check, in one call, from the repository root:
 #
-#   benchmarks/gpu_check.sh                     # all phases, in priority order
+#   benchmarks/gpu_check.sh                     # all phases, in priority order: build test bench sanitize
+#                                               # attention train profile
 #   benchmarks/gpu_check.sh build test          # some phases (a warm machine keeps the install)
 #   OUT=/path benchmarks/gpu_check.sh           # where logs and JSON go (default ./gpu_out)
 #
@@ -9,8 +10,9 @@
 # each is bounded by a timeout so that one hang cannot eat a lease):
 #   build     pip install --no-build-isolation --no-deps . against this machine's torch (CUDA kernels
 #             for the visible GPU's architecture, Hopper as 9.0a with the fused CUTLASS kernels, whose
-#             headers come from the nvidia-cutlass wheel: installed first from .whl/ when carried there,
-#             see requirements-cuda-build.txt); the built extension is copied to $OUT -> build.log
+#             headers come from the nvidia-cutlass wheel: installed first, with the benchmark's peers, from
+#             .whl/ when carried there, see benchmarks/fetch_gpu_wheels.sh); the extension is copied to $OUT
+#             -> build.log
 #   test      the CUDA tests (python_tests/test_*_cuda.py; GPU_CHECK_TESTS overrides), in parallel
 #             processes when pytest-xdist is there, run from $OUT so the installed package is imported
 #             rather than the source tree (the CPU suite is CI's job)           -> tests.log, tests.xml
@@ -39,7 +41,7 @@ OUT=${OUT:-$REPO/gpu_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PHASES=("$@")
-[[ ${#PHASES[@]} -eq 0 ]] && PHASES=(build test attention train sanitize bench profile)
+[[ ${#PHASES[@]} -eq 0 ]] && PHASES=(build test bench sanitize attention train profile)
 PY=${PYTHON:-python}
 SUMMARY="$OUT/summary.txt"
 
@@ -66,10 +68,10 @@ limit() {  # a phase's own cap in seconds -> its timeout, cut to the time left b
 note "phases: ${PHASES[*]}; environment in $OUT/environment.txt"
 
 run_build() {
-  # The CUTLASS headers (a pure-Python wheel, no dependencies needed for the headers).
-  if ! "$PY" -c "import cutlass_library" 2> /dev/null; then
-    compgen -G "$REPO/.whl/nvidia_cutlass-*.whl" > /dev/null &&
-      "$PY" -m pip install -q --no-index --no-deps "$REPO"/.whl/nvidia_cutlass-*.whl > "$OUT/build.log" 2>&1
+  # Carried wheels (benchmarks/fetch_gpu_wheels.sh): the CUTLASS headers and the benchmark's peers, pure Python,
+  # installed without their dependencies (torch and triton are on the GPU machine).
+  if compgen -G "$REPO/.whl/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps "$REPO"/.whl/*.whl > "$OUT/build.log" 2>&1
   fi
   (cd "$REPO" && timeout "$(limit 420)" "$PY" -m pip install --no-build-isolation --no-deps -v . ) >> "$OUT/build.log" 2>&1 || return $?
   (cd "$OUT" && "$PY" -c "import oclear_ext, json, shutil, torch; print(json.dumps(oclear_ext.build_info)); assert oclear_ext.build_info['with_cuda'], 'built without CUDA kernels'; assert oclear_ext.build_info['fused_sm90'] or torch.cuda.get_device_capability() != (9, 0), 'an sm_90 GPU but no fused kernels: ' + oclear_ext.build_info['fused_sm90_reason']; import importlib; print('extension', shutil.copy(importlib.import_module('oclear_ext._C').__file__, '.'))") >> "$OUT/build.log" 2>&1

@@ -98,3 +98,9 @@ def test_unsorted_exclude_is_rejected_by_the_op():
 def test_opcheck():
     x, w = torch.randn(6, 5), torch.randn(300, 5)
     torch.library.opcheck(torch.ops.oclear.class_topk.default, (x, w, torch.tensor([1, 7, 299]), 40))
+
+
+def test_fused_backend_is_cuda_only():
+    with oclear_ext.margin_softmax_options(backend="cutlass_sm90"):
+        with pytest.raises(ValueError, match=r"hardest_classes: backend='cutlass_sm90' selects CUDA kernels"):
+            oclear_ext.hardest_classes(torch.randn(3, 8), torch.randn(20, 8), 2)

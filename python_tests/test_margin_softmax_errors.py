@@ -106,3 +106,30 @@ def test_backend_option_block():
     with oclear_ext.margin_softmax_options(backend="cutlass_sm90"):
         with pytest.raises(ValueError, match=r"selects CUDA kernels"):
             oclear_ext.margin_softmax_loss(x, w, labels)
+
+
+def test_store_mode_errors():
+    x, w, labels = good()
+    with pytest.raises(ValueError, match=r"backward must be one of 'recompute', 'store', got 'keep'"):
+        oclear_ext.margin_softmax_loss(x, w, labels, backward="keep")
+    # The store-E backward exists only in the fused CUDA kernels; on the CPU it says so.
+    with pytest.raises(ValueError, match=r"backward='store' needs backend='cutlass_sm90' on a CUDA device, got "
+                                         r"backend='auto' on cpu"):
+        oclear_ext.margin_softmax_loss(x, w, labels, backward="store")
+    # Over the budget: refused from the shapes, before anything runs (4 x 10 x 2 bytes = 80 > 64).
+    with oclear_ext.margin_softmax_options(backward="store", store_budget_bytes=64):
+        with pytest.raises(ValueError, match=r"backward='store' would keep 0 MiB of bf16 values \(N = 4 x C = 10\), "
+                                             r"above store_budget_bytes"):
+            oclear_ext.margin_softmax_loss(x, w, labels)
+    with pytest.raises(ValueError, match=r"store_budget_bytes must be an int >= 0, got -1"):
+        with oclear_ext.margin_softmax_options(store_budget_bytes=-1):
+            pass
+
+
+def test_store_mode_is_refused_by_the_sharded_head():
+    from oclear_ext._ops.margin_softmax import MarginSettings
+    from oclear_ext.distributed.sharded_softmax import sharded_margin_softmax_loss
+
+    x, w, labels = good()
+    with pytest.raises(ValueError, match=r"class-sharded margin softmax does not take backward='store'"):
+        sharded_margin_softmax_loss(x, labels, w, range(0, 10), 10, MarginSettings(backward="store"))

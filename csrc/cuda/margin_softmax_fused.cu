@@ -115,13 +115,32 @@ __global__ void __launch_bounds__(kThreads) row_grads_kernel(const float* __rest
                                                              const float* __restrict__ grad_target,
                                                              const float* __restrict__ lse, int64_t n,
                                                              MarginParams<double> margin, float* __restrict__ lse2,
-                                                             float* __restrict__ gs, float* __restrict__ gt) {
+                                                             float* __restrict__ gs, float* __restrict__ gt,
+                                                             float* __restrict__ row_scale) {
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < n; i += int64_t(gridDim.x) * kThreads) {
     lse2[i] = static_cast<float>(static_cast<double>(lse[i]) * fused::kLog2e);
     gs[i] = static_cast<float>(static_cast<double>(grad_lse[i]) * margin.scale);
+    if (row_scale != nullptr) row_scale[i] = fused::stored_row_scale(grad_lse[i], lse[i], margin.scale);
     gt[i] = label_col[i] >= 0.f ? static_cast<float>(fused::target_grad(target_cos[i], grad_lse[i], grad_target[i],
                                                                         lse[i], margin))
                                 : 0.f;
+  }
+}
+
+// One thread per element of the chunk; threads of a block run along the classes of one row (coalesced).
+__global__ void __launch_bounds__(kThreads) stored_grad_kernel(const __nv_bfloat16* __restrict__ stored,
+                                                               int64_t ld_stored, int64_t c0, int64_t t, int64_t n,
+                                                               const float* __restrict__ row_scale,
+                                                               const float* __restrict__ label_col,
+                                                               const float* __restrict__ gt,
+                                                               const float* __restrict__ w_inv,
+                                                               __nv_bfloat16* __restrict__ b, int64_t ld_b) {
+  for (int64_t i = blockIdx.y; i < n; i += gridDim.y) {
+    const float a = row_scale[i], g = gt[i], y = label_col[i];
+    for (int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x; c < t; c += int64_t(gridDim.x) * kThreads) {
+      const float e = __bfloat162float(stored[i * ld_stored + c0 + c]);
+      b[i * ld_b + c] = __float2bfloat16_rn(fused::stored_grad(e, a, static_cast<float>(c0 + c) == y, g, w_inv[c]));
+    }
   }
 }
 
@@ -169,11 +188,22 @@ bool launch_fused_true_max(const int32_t* true_max, const void* x_hat, const voi
 
 bool launch_fused_row_grads(const float* target_cos, const float* label_col, const float* grad_lse,
                             const float* grad_target, const float* lse, int64_t n,
-                            const MarginParams<double>& margin, float* lse2, float* gs, float* gt,
+                            const MarginParams<double>& margin, float* lse2, float* gs, float* gt, float* row_scale,
                             cudaStream_t stream) {
   if (n == 0) return true;
   row_grads_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(target_cos, label_col, grad_lse, grad_target,
-                                                                      lse, n, margin, lse2, gs, gt);
+                                                                      lse, n, margin, lse2, gs, gt, row_scale);
+  return launched();
+}
+
+bool launch_fused_stored_grad(const void* stored, int64_t ld_stored, int64_t c0, int64_t t, int64_t n,
+                              const float* row_scale, const float* label_col, const float* gt, const float* w_inv,
+                              void* b, int64_t ld_b, cudaStream_t stream) {
+  if (n == 0 || t == 0) return true;
+  const dim3 grid(static_cast<unsigned>(blocks_for(t, kThreads)), static_cast<unsigned>(n < 65535 ? n : 65535));
+  stored_grad_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(stored), ld_stored, c0, t, n,
+                                                    row_scale, label_col, gt, w_inv, static_cast<__nv_bfloat16*>(b),
+                                                    ld_b);
   return launched();
 }
 

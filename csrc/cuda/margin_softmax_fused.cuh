@@ -38,11 +38,17 @@ bool launch_fused_true_max(const int32_t* true_max, const void* x_hat, const voi
 
 // Per-row inputs of the recompute epilogue: lse2 = lse * log2(e), gs = grad_lse * s, and
 // gt = target_grad(target_cos, grad_lse, grad_target, lse) for rows whose label is in the shard
-// (label_col >= 0), else 0.
+// (label_col >= 0), else 0; with row_scale not null, also the store-E mode's stored_row_scale there.
 bool launch_fused_row_grads(const float* target_cos, const float* label_col, const float* grad_lse,
                             const float* grad_target, const float* lse, int64_t n,
-                            const MarginParams<double>& margin, float* lse2, float* gs, float* gt,
+                            const MarginParams<double>& margin, float* lse2, float* gs, float* gt, float* row_scale,
                             cudaStream_t stream);
+
+// Store-E backward, one chunk of t classes from c0: b[i * ld_b + c] = bf16(stored_grad(stored[i * ld_stored +
+// c0 + c], row_scale[i], c0 + c == label_col[i], gt[i], w_inv[c])) (w_inv: the chunk's).
+bool launch_fused_stored_grad(const void* stored, int64_t ld_stored, int64_t c0, int64_t t, int64_t n,
+                              const float* row_scale, const float* label_col, const float* gt, const float* w_inv,
+                              void* b, int64_t ld_b, cudaStream_t stream);
 
 // Per class c of a chunk: r = sum_m r_partial[m * t_pad + c] over the row tiles in order (float64), then
 // beta[c] = projection_coefficient(r, w_inv[c]). One thread per class.

@@ -1,9 +1,11 @@
 // Fused margin-softmax GEMMs for Hopper on CUTLASS 3 (interface and conventions:
 // margin_softmax_sm90.cuh; math: csrc/include/oclear/fused_margin.h).
 //
-// Three kernels, each a TMA warp-specialised cooperative bf16 GEMM (float32 accumulation, 128 x 256 x 64
+// Five kernels, each a TMA warp-specialised cooperative bf16 GEMM (float32 accumulation, 128 x 256 x 64
 // CTA tiles, clusters of 2 along M) with an epilogue visitor tree (EVT):
 //   forward    S = x^ W^T, epilogue: shifted_exp -> per-(row, class tile) sums; nothing else is stored.
+//   forward, store-E   the same, and E' = stored_exp(...) stored in bf16 for a backward without recompute.
+//   class max  S = x^ W^T, epilogue: per-(row tile, class) max (hardest_classes' scores); nothing stored.
 //   recompute  S = x^ W_chunk^T, same tiles, epilogue: recompute_grad -> bf16 B stored, and per-(row tile,
 //              class) sums of projection_term(B, S) for the weight projection.
 //   weight     E = B^T x^, epilogue: fma(beta_c, w_c, E_c) -> bf16 dW: the projection without E in memory.
@@ -30,6 +32,8 @@
 #endif
 
 #include <oclear/fused_margin.h>
+
+#include <cmath>
 
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
@@ -92,6 +96,22 @@ struct RecomputeGrad<float> {
   using Arguments = fused::ShiftParams;
 };
 
+// Store-E forward: E' = stored_exp(E, acc, w_inv), kept in bf16 for the backward.
+template <class T>
+struct StoredExp {
+  using Arguments = fused::ShiftParams;
+  CUTLASS_DEVICE T operator()(T const& e, T const& acc, T const& w_inv, Arguments const& p) const {
+    T out;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < T::kElements; ++i) out[i] = fused::stored_exp(e[i], acc[i], w_inv[i], p);
+    return out;
+  }
+};
+template <>
+struct StoredExp<float> {
+  using Arguments = fused::ShiftParams;
+};
+
 // projection_term of the value the store rounds B to (the dW GEMM reads that value back).
 template <class T>
 struct ProjectionTerm {
@@ -136,8 +156,29 @@ struct RowSumsRoot : RowSums {
 };
 using ForwardEVT = fus::Sm90EVT<RowSumsRoot, ForwardExp>;
 
+// Store-E forward, nodes in topological order: 0 acc, 1 w_inv, 2 class id, 3 label column, 4 shifted_exp,
+// 5 row sums of 4, 6 stored_exp(4, 0, 1), 7 output E' (after 5).
+using ForwardStoreEVT = fus::Sm90TopologicalVisitor<
+    float,
+    cute::tuple<cute::seq<>, cute::seq<>, cute::seq<>, cute::seq<>, cute::seq<0, 1, 2, 3>, cute::seq<4>,
+                cute::seq<4, 0, 1>, cute::seq<6, 5>>,
+    fus::Sm90AccFetch, ClassVec, ClassVec, RowVec, fus::Sm90Compute<ShiftedExp, float, float, kRound>, RowSums,
+    fus::Sm90Compute<StoredExp, float, float, kRound>, fus::Sm90Compute<FirstOf, Bf16, float, kRound>>;
+
 using ClassSums = fus::Sm90RowReduction<cutlass::plus, cutlass::plus, cutlass::plus, 0, TileShape, float, float, kRound,
                                         Stride<_0, _1, int64_t>, 4, true, /*FinalReduction=*/false>;
+// hardest_classes scoring: per (row tile, class) the max of x^ . w_c over the tile's rows. fmaxf skips NaN
+// (a NaN row never wins a column, as in the chunked path; an all-NaN column stays at the identity -inf).
+using ClassMax = fus::Sm90RowReduction<cutlass::maximum_with_default_nan_propagation,
+                                       cutlass::maximum_with_default_nan_propagation,
+                                       cutlass::maximum_with_default_nan_propagation, 0, TileShape, float, float,
+                                       kRound, Stride<_0, _1, int64_t>, 4, true, /*FinalReduction=*/false>;
+struct ClassMaxRoot : ClassMax {
+  using ClassMax::ClassMax;
+  using ElementAux = Bf16;  // see RowSumsRoot
+};
+using ClassMaxEVT = fus::Sm90EVT<ClassMaxRoot, fus::Sm90AccFetch>;
+
 // Nodes in topological order: 0 acc, 1 w_inv, 2 class id, 3 label column, 4 lse2, 5 gs, 6 gt,
 // 7 B = recompute_grad(0..6), 8 projection_term(7, 0), 9 class sums of 8, 10 output B (after 9).
 using RecomputeEVT = fus::Sm90TopologicalVisitor<
@@ -169,7 +210,9 @@ struct Gemm {
 
 // x^ (rows x d, d contiguous) times w^T (w: classes x d, d contiguous: K-major B).
 using ForwardGemm = Gemm<cutlass::layout::RowMajor, cutlass::layout::ColumnMajor, void, void, ForwardEVT>::Op;
+using ForwardStoreGemm = Gemm<cutlass::layout::RowMajor, cutlass::layout::ColumnMajor, void, Bf16, ForwardStoreEVT>::Op;
 using RecomputeGemm = Gemm<cutlass::layout::RowMajor, cutlass::layout::ColumnMajor, void, Bf16, RecomputeEVT>::Op;
+using ClassMaxGemm = Gemm<cutlass::layout::RowMajor, cutlass::layout::ColumnMajor, void, void, ClassMaxEVT>::Op;
 // B^T (B: rows x t with leading dimension ld: an M-major A) times x^ (rows x d: an N-major B).
 using WeightGemm = Gemm<cutlass::layout::ColumnMajor, cutlass::layout::RowMajor, Bf16, Bf16, ProjectedEVT>::Op;
 
@@ -207,6 +250,34 @@ typename ForwardGemm::Arguments forward_arguments(int64_t n, int64_t classes, in
   cute::get<3>(tree.op_0).ptr_col = label_col;
   cute::get<4>(tree.op_0) = to_params(shift);
   tree.op_1.ptr_col = partial;
+  return args;
+}
+
+typename ForwardStoreGemm::Arguments forward_store_arguments(int64_t n, int64_t classes, int64_t d, const void* x_hat,
+                                                             const void* w, const float* w_inv, const float* class_id,
+                                                             const float* label_col, const ShiftArgs& shift,
+                                                             float* partial, void* stored, int64_t ld_stored) {
+  auto args = logit_arguments<ForwardStoreGemm>(n, classes, d, x_hat, w);
+  args.epilogue.ptr_D = static_cast<Bf16*>(stored);
+  auto stride_d = cutlass::make_cute_packed_stride(typename ForwardStoreGemm::GemmKernel::StrideD{},
+                                                   {static_cast<int>(n), static_cast<int>(classes), 1});
+  cute::get<0>(stride_d) = ld_stored;
+  args.epilogue.dD = stride_d;
+  auto& dag = args.epilogue.thread;
+  cute::get<1>(dag).ptr_row = w_inv;
+  cute::get<2>(dag).ptr_row = class_id;
+  cute::get<3>(dag).ptr_col = label_col;
+  cute::get<4>(dag) = to_params(shift);
+  cute::get<5>(dag).ptr_col = partial;
+  cute::get<6>(dag) = to_params(shift);
+  return args;
+}
+
+typename ClassMaxGemm::Arguments class_max_arguments(int64_t n, int64_t classes, int64_t d, const void* x_hat,
+                                                     const void* w, float* partial) {
+  auto args = logit_arguments<ClassMaxGemm>(n, classes, d, x_hat, w);
+  args.epilogue.thread.op_1.ptr_row = partial;
+  args.epilogue.thread.op_1.reduction_identity = -INFINITY;
   return args;
 }
 
@@ -272,6 +343,21 @@ int launch_forward(int64_t n, int64_t classes, int64_t d, const void* x_hat, con
              stream);
 }
 
+size_t forward_store_workspace_size(int64_t n, int64_t classes, int64_t d) {
+  return ForwardStoreGemm::get_workspace_size(forward_store_arguments(n, classes, d, nullptr, nullptr, nullptr, nullptr,
+                                                                      nullptr, {}, nullptr, nullptr, 8));
+}
+
+int launch_forward_store(int64_t n, int64_t classes, int64_t d, const void* x_hat, const void* w, const float* w_inv,
+                         const float* class_id, const float* label_col, const ShiftArgs& shift, float* partial,
+                         void* stored, int64_t ld_stored, void* workspace, cudaStream_t stream) {
+  ForwardStoreGemm op;
+  return run(op,
+             forward_store_arguments(n, classes, d, x_hat, w, w_inv, class_id, label_col, shift, partial, stored,
+                                     ld_stored),
+             workspace, stream);
+}
+
 size_t recompute_workspace_size(int64_t n, int64_t t, int64_t d) {
   return RecomputeGemm::get_workspace_size(recompute_arguments(n, t, d, nullptr, nullptr, nullptr, nullptr, nullptr,
                                                                nullptr, nullptr, nullptr, {}, nullptr, 8, nullptr));
@@ -286,6 +372,16 @@ int launch_recompute(int64_t n, int64_t t, int64_t d, const void* x_hat, const v
              recompute_arguments(n, t, d, x_hat, w, w_inv, class_id, label_col, lse2, gs, gt, shift, ds, ld_ds,
                                  r_partial),
              workspace, stream);
+}
+
+size_t class_max_workspace_size(int64_t n, int64_t classes, int64_t d) {
+  return ClassMaxGemm::get_workspace_size(class_max_arguments(n, classes, d, nullptr, nullptr, nullptr));
+}
+
+int launch_class_max(int64_t n, int64_t classes, int64_t d, const void* x_hat, const void* w, float* partial,
+                     void* workspace, cudaStream_t stream) {
+  ClassMaxGemm op;
+  return run(op, class_max_arguments(n, classes, d, x_hat, w, partial), workspace, stream);
 }
 
 size_t weight_grad_workspace_size(int64_t t, int64_t n, int64_t d) {
@@ -307,10 +403,15 @@ bool kernels_built() { return false; }
 size_t forward_workspace_size(int64_t, int64_t, int64_t) { return 0; }
 int launch_forward(int64_t, int64_t, int64_t, const void*, const void*, const float*, const float*, const float*,
                    const ShiftArgs&, float*, void*, cudaStream_t) { return -1; }
+size_t forward_store_workspace_size(int64_t, int64_t, int64_t) { return 0; }
+int launch_forward_store(int64_t, int64_t, int64_t, const void*, const void*, const float*, const float*, const float*,
+                         const ShiftArgs&, float*, void*, int64_t, void*, cudaStream_t) { return -1; }
 size_t recompute_workspace_size(int64_t, int64_t, int64_t) { return 0; }
 int launch_recompute(int64_t, int64_t, int64_t, const void*, const void*, const float*, const float*, const float*,
                      const float*, const float*, const float*, const ShiftArgs&, void*, int64_t, float*, void*,
                      cudaStream_t) { return -1; }
+size_t class_max_workspace_size(int64_t, int64_t, int64_t) { return 0; }
+int launch_class_max(int64_t, int64_t, int64_t, const void*, const void*, float*, void*, cudaStream_t) { return -1; }
 size_t weight_grad_workspace_size(int64_t, int64_t, int64_t) { return 0; }
 int launch_weight_grad(int64_t, int64_t, int64_t, const void*, int64_t, const void*, const void*, const float*, void*,
                        void*, cudaStream_t) { return -1; }

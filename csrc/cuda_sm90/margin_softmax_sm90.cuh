@@ -43,6 +43,13 @@ int launch_forward(int64_t n, int64_t classes, int64_t d, const void* x_hat, con
                    const float* class_id, const float* label_col, const ShiftArgs& shift, float* partial,
                    void* workspace, cudaStream_t stream);
 
+// Forward of the store-E mode: as launch_forward, and also stored[i * ld_stored + c] = bf16(stored_exp(...))
+// (0 on the target column and on filtered negatives). ld_stored a multiple of 8.
+size_t forward_store_workspace_size(int64_t n, int64_t classes, int64_t d);
+int launch_forward_store(int64_t n, int64_t classes, int64_t d, const void* x_hat, const void* w, const float* w_inv,
+                         const float* class_id, const float* label_col, const ShiftArgs& shift, float* partial,
+                         void* stored, int64_t ld_stored, void* workspace, cudaStream_t stream);
+
 // Backward recompute of one chunk of t classes: ds[i * ld_ds + c] = bf16(recompute_grad(...)) and
 // r_partial[m * round_up(t, kTileClasses) + c] = sum over the rows i of row tile m of
 // projection_term(ds[i, c], x^_i . w_c). ld_ds a multiple of 8.
@@ -50,6 +57,12 @@ size_t recompute_workspace_size(int64_t n, int64_t t, int64_t d);
 int launch_recompute(int64_t n, int64_t t, int64_t d, const void* x_hat, const void* w, const float* w_inv,
                      const float* class_id, const float* label_col, const float* lse2, const float* gs,
                      const float* gt, const ShiftArgs& shift, void* ds, int64_t ld_ds, float* r_partial,
+                     void* workspace, cudaStream_t stream);
+
+// hardest_classes scoring: partial[m * round_up(classes, kTileClasses) + c] = max over the rows i of row tile m
+// of x^_i . w_c (NaN skipped; -inf where none).
+size_t class_max_workspace_size(int64_t n, int64_t classes, int64_t d);
+int launch_class_max(int64_t n, int64_t classes, int64_t d, const void* x_hat, const void* w, float* partial,
                      void* workspace, cudaStream_t stream);
 
 // dW of one chunk with the normalisation's projection in the epilogue:

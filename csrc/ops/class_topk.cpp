@@ -55,18 +55,31 @@ void check_class_topk(const at::Tensor& embeddings, const at::Tensor& weight, co
                     "] (", c, " classes, ", exclude.numel(), " excluded), got ", k);
 }
 
+bool check_class_topk_backend(c10::string_view backend, const at::Tensor& embeddings) {
+  TORCH_CHECK_VALUE(backend == "auto" || backend == "chunked" || backend == "cutlass_sm90", kOp,
+                    "backend must be one of 'auto', 'chunked', 'cutlass_sm90', got '", backend, "'");
+  const bool fused = backend == "cutlass_sm90";
+  TORCH_CHECK_VALUE(!fused || embeddings.is_cuda(), kOp,
+                    "backend='cutlass_sm90' selects CUDA kernels (compute capability 9.0), but the embeddings are on ",
+                    embeddings.device());
+  return fused;
+}
+
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> class_topk_cpu(const at::Tensor& embeddings, const at::Tensor& weight,
-                                                  const at::Tensor& exclude, int64_t k, int64_t class_chunk) {
+                                                  const at::Tensor& exclude, int64_t k, int64_t class_chunk,
+                                                  c10::string_view backend) {
   check_class_topk(embeddings, weight, exclude, k, class_chunk);
+  check_class_topk_backend(backend, embeddings);
   return cpu::class_topk(embeddings, weight, exclude, k, class_chunk);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(oclear, m) {
-  m.def("class_topk(Tensor embeddings, Tensor weight, Tensor exclude, int k, int class_chunk=0) -> "
+  m.def("class_topk(Tensor embeddings, Tensor weight, Tensor exclude, int k, int class_chunk=0, "
+        "str backend=\"auto\") -> "
         "(Tensor scores, Tensor class_ids)",
         {at::Tag::pt2_compliant_tag});
 }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/string_view.h>
 
 namespace oclear {
 
@@ -10,5 +11,9 @@ namespace oclear {
 // only when it lives on the CPU (the CUDA glue checks them on the device).
 void check_class_topk(const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& exclude,
                       int64_t k, int64_t class_chunk);
+
+// The backend argument ("auto", "chunked", "cutlass_sm90"); true for the fused CUTLASS scoring, which
+// needs CUDA tensors (the CUDA glue checks the rest).
+bool check_class_topk_backend(c10::string_view backend, const at::Tensor& embeddings);
 
 }  // namespace oclear

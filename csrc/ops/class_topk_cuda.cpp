@@ -19,11 +19,15 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <algorithm>
 #include <limits>
+#include <string>
 #include <tuple>
 
-#include "cuda_glue.h"
+#include "../cuda_sm90/margin_softmax_sm90.cuh"
 #include "class_topk_checks.h"
+#include "cuda_glue.h"
+#include "margin_softmax_fused.h"
 
 namespace oclear {
 namespace {
@@ -56,9 +60,51 @@ at::Tensor candidate_order(const at::Tensor& score_key, const at::Tensor& ids, c
   return order.index_select(0, std::get<1>(at::sort(rank.index_select(0, order), true, 0, false)));
 }
 
+// rank: 0 scored, 1 NaN, 2 excluded (the order of candidate_order); key: the score with NaN as -inf.
+std::tuple<at::Tensor, at::Tensor> ranks_and_keys(const at::Tensor& score, const at::Tensor& ids,
+                                                  const at::Tensor& exclude) {
+  const at::Tensor is_nan = score.isnan();
+  at::Tensor rank = is_nan.to(at::kLong);
+  if (exclude.numel() > 0) {
+    const at::Tensor pos = at::searchsorted(exclude, ids).clamp_max_(exclude.numel() - 1);
+    rank.masked_fill_(exclude.index_select(0, pos).eq(ids), 2);
+  }
+  return {rank, score.masked_fill(is_nan, -std::numeric_limits<double>::infinity())};
+}
+
+// backend "cutlass_sm90": one CUTLASS GEMM over every class whose epilogue keeps the max of x^ . w_c per
+// (128-row tile, class), so no N x C score is written; the C scores then take the chunked path's order
+// (candidate_order) in one pass. The max commutes with the positive w_inv scale, so the scores are the
+// chunked path's up to the GEMMs' rounding.
+std::tuple<at::Tensor, at::Tensor> fused_class_topk(const at::Tensor& embeddings, const at::Tensor& weight,
+                                                    const at::Tensor& exclude, int64_t k, cudaStream_t stream) {
+  const std::string reason = fused_unavailable_reason(embeddings, weight);
+  TORCH_CHECK_VALUE(reason.empty(), kOp, "backend='cutlass_sm90' cannot run this call: ", reason);
+  const int64_t n = embeddings.size(0), d = embeddings.size(1), c = weight.size(0);
+  const auto f32 = embeddings.options().dtype(at::kFloat);
+  const Normalized xn = normalize_rows(embeddings, at::kFloat, stream, kOp);
+  const at::Tensor w_inv = inverse_norms(weight, at::kFloat, stream, kOp);
+  const int64_t row_tiles = (n + sm90::kTileRows - 1) / sm90::kTileRows;
+  const int64_t c_pad = (c + sm90::kTileClasses - 1) / sm90::kTileClasses * sm90::kTileClasses;
+  at::Tensor partial = new_buffer({row_tiles, c_pad}, f32);
+  at::Tensor ws = at::empty({static_cast<int64_t>(std::max<size_t>(sm90::class_max_workspace_size(n, c, d), 1))},
+                            embeddings.options().dtype(at::kByte));
+  const int status = sm90::launch_class_max(n, c, d, xn.x_hat.data_ptr(), weight.data_ptr(),
+                                            partial.data_ptr<float>(), ws.data_ptr(), stream);
+  TORCH_CHECK(status == 0, kOp, "class-max GEMM failed (CUTLASS status ", status, ")");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor score = at::amax(partial.narrow(1, 0, c), {0}).mul_(w_inv);
+  const at::Tensor ids = at::arange(c, embeddings.options().dtype(at::kLong));
+  const auto [rank, key] = ranks_and_keys(score, ids, exclude);
+  const at::Tensor keep = candidate_order(key, ids, rank).narrow(0, 0, k);
+  return {score.index_select(0, keep), ids.index_select(0, keep)};
+}
+
 std::tuple<at::Tensor, at::Tensor> class_topk_cuda(const at::Tensor& embeddings, const at::Tensor& weight,
-                                                   const at::Tensor& exclude_in, int64_t k, int64_t class_chunk_arg) {
+                                                   const at::Tensor& exclude_in, int64_t k, int64_t class_chunk_arg,
+                                                   c10::string_view backend) {
   check_class_topk(embeddings, weight, exclude_in, k, class_chunk_arg);
+  const bool fused = check_class_topk_backend(backend, embeddings);
   const c10::cuda::CUDAGuard guard(embeddings.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor exclude = exclude_in.contiguous();
@@ -69,6 +115,7 @@ std::tuple<at::Tensor, at::Tensor> class_topk_cuda(const at::Tensor& embeddings,
   const auto acc_opts = embeddings.options().dtype(acc);
   const auto id_opts = embeddings.options().dtype(at::kLong);
   if (k == 0) return {at::empty({0}, acc_opts), at::empty({0}, id_opts)};
+  if (fused) return fused_class_topk(embeddings, weight, exclude, k, stream);
 
   const Normalized xn = normalize_rows(embeddings, acc, stream, kOp);
   const int64_t chunk = class_chunk(n, d, c, class_chunk_arg);
@@ -86,13 +133,7 @@ std::tuple<at::Tensor, at::Tensor> class_topk_cuda(const at::Tensor& embeddings,
     s.nan_to_num_(-inf, inf, -inf);  // a NaN row never wins a column (the CPU's std::max keeps the max)
     const at::Tensor score = at::amax(s, {0}).mul_(w_inv);
     const at::Tensor ids = at::arange(c0, c0 + t, id_opts);
-    const at::Tensor is_nan = score.isnan();
-    at::Tensor rank = is_nan.to(at::kLong);
-    if (exclude.numel() > 0) {
-      const at::Tensor pos = at::searchsorted(exclude, ids).clamp_max_(exclude.numel() - 1);
-      rank.masked_fill_(exclude.index_select(0, pos).eq(ids), 2);
-    }
-    const at::Tensor key = score.masked_fill(is_nan, -inf);
+    const auto [rank, key] = ranks_and_keys(score, ids, exclude);
 
     const at::Tensor cand_score = at::cat({best_score, score});
     const at::Tensor cand_key = at::cat({best_key, key});

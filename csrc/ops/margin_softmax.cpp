@@ -163,11 +163,48 @@ TORCH_LIBRARY_FRAGMENT(oclear, m) {
       "int ignore_index, bool straight_through, int class_chunk, bool check_labels, str backend, "
       "bool need_grad_embeddings, bool need_grad_weight) -> (Tensor grad_embeddings, Tensor grad_weight)",
       {at::Tag::pt2_compliant_tag});
+  // The store-E mode (backward="store"): the forward also returns the bf16 E' = exp(s cos - s) * w_inv (N x C),
+  // which the backward reads instead of recomputing the logits. Fused CUDA kernels only.
+  m.def(
+      "margin_softmax_forward_stored(Tensor embeddings, Tensor weight, Tensor labels, int class_start, "
+      "int num_classes, float scale, float m1, float m2, float m3, float? interclass_filter, "
+      "int ignore_index, bool straight_through, int class_chunk=0, bool check_labels=True, "
+      "str backend=\"cutlass_sm90\") -> (Tensor lse, Tensor target_logit, Tensor weight_inv_norm, Tensor stored_exp)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "margin_softmax_backward_stored(Tensor grad_lse, Tensor grad_target, Tensor embeddings, "
+      "Tensor weight, Tensor labels, Tensor lse, Tensor weight_inv_norm, Tensor stored_exp, int class_start, "
+      "int num_classes, float scale, float m1, float m2, float m3, float? interclass_filter, "
+      "int ignore_index, bool straight_through, int class_chunk, bool check_labels, str backend, "
+      "bool need_grad_embeddings, bool need_grad_weight) -> (Tensor grad_embeddings, Tensor grad_weight)",
+      {at::Tag::pt2_compliant_tag});
+}
+
+// The store-E ops exist only for the fused CUDA kernels; on the CPU they say so.
+[[noreturn]] void store_mode_unavailable(c10::string_view backend, const at::Tensor& embeddings) {
+  parse_margin_backend(backend, embeddings);  // names a bad or CUDA-only backend first
+  TORCH_CHECK_VALUE(false, kOp, "backward='store' needs backend='cutlass_sm90' on a CUDA device, got backend='",
+                    backend, "' on ", embeddings.device());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_stored_cpu(
+    const at::Tensor& embeddings, const at::Tensor&, const at::Tensor&, int64_t, int64_t, double, double, double,
+    double, std::optional<double>, int64_t, bool, int64_t, bool, c10::string_view backend) {
+  store_mode_unavailable(backend, embeddings);
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_stored_cpu(
+    const at::Tensor&, const at::Tensor&, const at::Tensor& embeddings, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, double, double, double, double,
+    std::optional<double>, int64_t, bool, int64_t, bool, c10::string_view backend, bool, bool) {
+  store_mode_unavailable(backend, embeddings);
 }
 
 TORCH_LIBRARY_IMPL(oclear, CPU, m) {
   m.impl("margin_softmax_forward", &forward_cpu);
   m.impl("margin_softmax_backward", &backward_cpu);
+  m.impl("margin_softmax_forward_stored", &forward_stored_cpu);
+  m.impl("margin_softmax_backward_stored", &backward_stored_cpu);
 }
 
 }  // namespace oclear

@@ -236,9 +236,59 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(
 
 }  // namespace
 
+// The store-E ops: fused kernels only (backend must be "cutlass_sm90").
+void require_fused_for_store(c10::string_view backend, const at::Tensor& embeddings, const at::Tensor& weight) {
+  const MarginBackend b = parse_margin_backend(backend, embeddings);
+  TORCH_CHECK_VALUE(b == MarginBackend::kCutlassSm90, kOp, "backward='store' needs backend='cutlass_sm90', got '",
+                    backend, "'");
+  use_fused(b, embeddings, weight);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_stored_cuda(
+    const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels_in, int64_t class_start,
+    int64_t num_classes, double scale, double m1, double m2, double m3, std::optional<double> interclass_filter,
+    int64_t ignore_index, bool straight_through, int64_t class_chunk_arg, bool check_labels,
+    c10::string_view backend) {
+  require_fused_for_store(backend, embeddings, weight);
+  const cpu::MarginSoftmaxArgs args = check_problem(embeddings, weight, labels_in, class_start, num_classes,
+                                                    scale, m1, m2, m3, interclass_filter, ignore_index,
+                                                    straight_through, class_chunk_arg, check_labels);
+  const c10::cuda::CUDAGuard guard(embeddings.device());
+  const at::Tensor labels = labels_in.contiguous();
+  if (check_labels) check_labels_on_device(labels, num_classes, ignore_index, c10::cuda::getCurrentCUDAStream().stream());
+  // Replaced by the forward's E' except for an empty batch or shard, where it already has the shape (N, C).
+  const int64_t n = embeddings.size(0), c_local = weight.size(0);
+  at::Tensor stored = at::empty({n == 0 || c_local == 0 ? n : 0, c_local}, embeddings.options());
+  auto [lse, target, w_inv] = fused_forward(embeddings, weight, labels, args, &stored);
+  return {lse, target, w_inv, stored};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_stored_cuda(
+    const at::Tensor& grad_lse, const at::Tensor& grad_target, const at::Tensor& embeddings, const at::Tensor& weight,
+    const at::Tensor& labels_in, const at::Tensor& lse, const at::Tensor& w_inv, const at::Tensor& stored,
+    int64_t class_start, int64_t num_classes, double scale, double m1, double m2, double m3,
+    std::optional<double> interclass_filter, int64_t ignore_index, bool straight_through, int64_t class_chunk_arg,
+    bool check_labels, c10::string_view backend, bool need_grad_embeddings, bool need_grad_weight) {
+  require_fused_for_store(backend, embeddings, weight);
+  const cpu::MarginSoftmaxArgs args = check_problem(embeddings, weight, labels_in, class_start, num_classes,
+                                                    scale, m1, m2, m3, interclass_filter, ignore_index,
+                                                    straight_through, class_chunk_arg, check_labels);
+  const int64_t n = embeddings.size(0);
+  check_row_vector(grad_lse, n, at::kFloat, "grad_lse");
+  check_row_vector(grad_target, n, at::kFloat, "grad_target");
+  check_row_vector(lse, n, at::kFloat, "lse");
+  check_row_vector(w_inv, weight.size(0), at::kFloat, "weight_inv_norm");
+  const c10::cuda::CUDAGuard guard(embeddings.device());
+  // The labels were checked by the forward that produced `stored`.
+  return fused_backward(grad_lse.contiguous(), grad_target.contiguous(), embeddings, weight, labels_in.contiguous(),
+                        lse.contiguous(), w_inv.contiguous(), args, need_grad_embeddings, need_grad_weight, stored);
+}
+
 TORCH_LIBRARY_IMPL(oclear, CUDA, m) {
   m.impl("margin_softmax_forward", &forward_cuda);
   m.impl("margin_softmax_backward", &backward_cuda);
+  m.impl("margin_softmax_forward_stored", &forward_stored_cuda);
+  m.impl("margin_softmax_backward_stored", &backward_stored_cuda);
 }
 
 }  // namespace oclear

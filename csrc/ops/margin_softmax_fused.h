@@ -25,15 +25,20 @@ MarginBackend parse_margin_backend(c10::string_view name, const at::Tensor& embe
 // Why the fused kernels cannot take this call (empty: they can): the build, the device, dtypes, layout.
 std::string fused_unavailable_reason(const at::Tensor& embeddings, const at::Tensor& weight);
 
+// (lse, target_logit, w_inv); with `stored` not null (store-E mode) also *stored = E' (N x C bf16, leading
+// dimension rounded up to 8: a view of that width), after checking it fits in the device's free memory.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward(const at::Tensor& embeddings, const at::Tensor& weight,
                                                              const at::Tensor& labels,
-                                                             const cpu::MarginSoftmaxArgs& args);
+                                                             const cpu::MarginSoftmaxArgs& args,
+                                                             at::Tensor* stored = nullptr);
 
+// (grad_embeddings, grad_weight); `stored` defined: the store-E backward (no recompute GEMM).
 std::tuple<at::Tensor, at::Tensor> fused_backward(const at::Tensor& grad_lse, const at::Tensor& grad_target,
                                                   const at::Tensor& embeddings, const at::Tensor& weight,
                                                   const at::Tensor& labels, const at::Tensor& lse,
                                                   const at::Tensor& w_inv, const cpu::MarginSoftmaxArgs& args,
-                                                  bool need_grad_embeddings, bool need_grad_weight);
+                                                  bool need_grad_embeddings, bool need_grad_weight,
+                                                  const at::Tensor& stored = at::Tensor());
 #endif
 
 }  // namespace oclear

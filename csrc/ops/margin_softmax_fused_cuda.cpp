@@ -116,7 +116,7 @@ std::string fused_unavailable_reason(const at::Tensor& embeddings, const at::Ten
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward(const at::Tensor& embeddings, const at::Tensor& weight,
                                                              const at::Tensor& labels,
-                                                             const cpu::MarginSoftmaxArgs& args) {
+                                                             const cpu::MarginSoftmaxArgs& args, at::Tensor* stored) {
   const c10::cuda::CUDAGuard guard(embeddings.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t n = embeddings.size(0), d = embeddings.size(1), c_local = weight.size(0);
@@ -132,11 +132,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward(const at::Tensor& e
   const at::Tensor class_id = at::arange(c_local, f32);
   const int64_t m_pad = round_up(n, sm90::kTileRows), tiles = (c_local + sm90::kTileClasses - 1) / sm90::kTileClasses;
   at::Tensor partial = new_buffer({tiles * m_pad}, f32);
-  at::Tensor ws = workspace(sm90::forward_workspace_size(n, c_local, d), embeddings);
-  check_gemm(sm90::launch_forward(n, c_local, d, rows.xn.x_hat.data_ptr(), weight.data_ptr(), w_inv.data_ptr<float>(),
-                                  class_id.data_ptr<float>(), rows.label_col.data_ptr<float>(),
-                                  shift_args(args.margin), partial.data_ptr<float>(), ws.data_ptr(), stream),
-             "forward GEMM");
+  if (stored == nullptr) {
+    at::Tensor ws = workspace(sm90::forward_workspace_size(n, c_local, d), embeddings);
+    check_gemm(sm90::launch_forward(n, c_local, d, rows.xn.x_hat.data_ptr(), weight.data_ptr(),
+                                    w_inv.data_ptr<float>(), class_id.data_ptr<float>(),
+                                    rows.label_col.data_ptr<float>(), shift_args(args.margin),
+                                    partial.data_ptr<float>(), ws.data_ptr(), stream),
+               "forward GEMM");
+  } else {
+    const int64_t ld = round_up(c_local, 8);
+    const double bytes = 2.0 * static_cast<double>(n) * static_cast<double>(ld);
+    size_t free_bytes = 0, total_bytes = 0;
+    C10_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+    TORCH_CHECK_VALUE(bytes <= static_cast<double>(free_bytes), kOp, "backward='store' keeps N x C bf16 values (",
+                      bytes / (1 << 20), " MiB for N = ", n, ", C = ", c_local, ") but the device has ",
+                      static_cast<double>(free_bytes) / (1 << 20), " MiB free: use backward='recompute'");
+    at::Tensor e = at::empty({n, ld}, embeddings.options());
+    at::Tensor ws = workspace(sm90::forward_store_workspace_size(n, c_local, d), embeddings);
+    check_gemm(sm90::launch_forward_store(n, c_local, d, rows.xn.x_hat.data_ptr(), weight.data_ptr(),
+                                          w_inv.data_ptr<float>(), class_id.data_ptr<float>(),
+                                          rows.label_col.data_ptr<float>(), shift_args(args.margin),
+                                          partial.data_ptr<float>(), e.data_ptr(), ld, ws.data_ptr(), stream),
+               "forward GEMM (store-E)");
+    *stored = e.narrow(1, 0, c_local);
+  }
   at::Tensor true_max = new_buffer({n}, embeddings.options().dtype(at::kInt));
   check_kernel(cuda::launch_fused_finalize(partial.data_ptr<float>(), m_pad, tiles, rows.target_exp.data_ptr<double>(),
                                            n, c_local, args.margin.scale, lse.data_ptr<float>(),
@@ -154,8 +173,8 @@ std::tuple<at::Tensor, at::Tensor> fused_backward(const at::Tensor& grad_lse, co
                                                   const at::Tensor& embeddings, const at::Tensor& weight,
                                                   const at::Tensor& labels, const at::Tensor& lse,
                                                   const at::Tensor& w_inv, const cpu::MarginSoftmaxArgs& args,
-                                                  bool need_grad_embeddings,
-                                                  bool need_grad_weight) {
+                                                  bool need_grad_embeddings, bool need_grad_weight,
+                                                  const at::Tensor& stored) {
   const c10::cuda::CUDAGuard guard(embeddings.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t n = embeddings.size(0), d = embeddings.size(1), c_local = weight.size(0);
@@ -170,12 +189,21 @@ std::tuple<at::Tensor, at::Tensor> fused_backward(const at::Tensor& grad_lse, co
     return {grad_x, grad_weight};
   }
   const Rows rows = prepare_rows(embeddings, weight, w_inv, labels, args, stream);
+  const bool store_mode = stored.defined();
   at::Tensor lse2 = new_buffer({n}, f32), gs = new_buffer({n}, f32), gt = new_buffer({n}, f32);
+  at::Tensor row_scale = store_mode ? new_buffer({n}, f32) : at::Tensor();
   check_kernel(cuda::launch_fused_row_grads(rows.target_cos.data_ptr<float>(), rows.label_col.data_ptr<float>(),
                                             grad_lse.data_ptr<float>(), grad_target.data_ptr<float>(),
                                             lse.data_ptr<float>(), n, args.margin, lse2.data_ptr<float>(),
-                                            gs.data_ptr<float>(), gt.data_ptr<float>(), stream),
+                                            gs.data_ptr<float>(), gt.data_ptr<float>(),
+                                            store_mode ? row_scale.data_ptr<float>() : nullptr, stream),
                "row gradients");
+  if (store_mode) {
+    TORCH_CHECK_VALUE(stored.dim() == 2 && stored.size(0) == n && stored.size(1) == c_local &&
+                          stored.scalar_type() == at::kBFloat16 && stored.stride(1) == 1 &&
+                          stored.device() == embeddings.device(),
+                      kOp, "stored_exp must be the forward's (N, C) bfloat16 output, got shape ", stored.sizes());
+  }
   const at::Tensor class_id = at::arange(c_local, f32);
   // Chunks of whole 256-class tiles: B (n x T bf16) is 32 MiB at the automatic size, so it is still in L2
   // when the two gradient GEMMs read it back.
@@ -195,7 +223,32 @@ std::tuple<at::Tensor, at::Tensor> fused_backward(const at::Tensor& grad_lse, co
   at::Tensor ws_weight = workspace(sm90::weight_grad_workspace_size(t_max, n, d), embeddings);
   const sm90::ShiftArgs shift = shift_args(args.margin);
   const auto* w_bytes = static_cast<const char*>(weight.data_ptr());
-  for (int64_t c0 = 0; c0 < c_local; c0 += t_max) {
+  if (store_mode) {  // three GEMMs in all: the forward's, and dx^ and E per chunk here
+    at::Tensor e_rows = need_grad_weight ? new_buffer({t_max, d}, f32) : at::Tensor();
+    for (int64_t c0 = 0; c0 < c_local; c0 += t_max) {
+      const int64_t t = std::min(t_max, c_local - c0);
+      check_kernel(cuda::launch_fused_stored_grad(stored.data_ptr(), stored.stride(0), c0, t, n,
+                                                  row_scale.data_ptr<float>(), rows.label_col.data_ptr<float>(),
+                                                  gt.data_ptr<float>(), w_inv.data_ptr<float>() + c0, b.data_ptr(),
+                                                  ld, stream),
+                   "stored gradient");
+      const at::Tensor b_chunk = b.as_strided({n, t}, {ld, 1});
+      const at::Tensor w_chunk = weight.narrow(0, c0, t);
+      if (need_grad_embeddings) {
+        mm_into(grad_x_hat_part, b_chunk, w_chunk);
+        grad_x_hat.add_(grad_x_hat_part);
+      }
+      if (need_grad_weight) {  // E (t x d float32, in L2 at the automatic chunk) and the chunked path's projection
+        at::Tensor e = e_rows.narrow(0, 0, t);
+        mm_into(e, b_chunk.t(), rows.xn.x_hat);
+        check_launch(cuda::launch_project_weight_grad(cuda::Dtype::kBFloat16, e.data_ptr(), w_chunk.data_ptr(), t, d,
+                                                      d, 1, w_inv.data_ptr<float>() + c0, grad_weight[c0].data_ptr(),
+                                                      stream),
+                     kOp, "weight gradient projection");
+      }
+    }
+  }
+  for (int64_t c0 = 0; !store_mode && c0 < c_local; c0 += t_max) {  // recompute: four GEMMs per step
     const int64_t t = std::min(t_max, c_local - c0);
     const void* w_chunk = w_bytes + c0 * d * weight.element_size();
     check_gemm(sm90::launch_recompute(n, t, d, rows.xn.x_hat.data_ptr(), w_chunk, w_inv.data_ptr<float>() + c0,

@@ -218,6 +218,31 @@ void test_recompute_grad() {
   }
 }
 
+void test_store_e() {
+  // B from the stored E' equals recompute_grad up to the bf16 rounding of E'.
+  std::mt19937_64 rng(23);
+  std::uniform_real_distribution<double> unif(-0.9, 0.9), winv(0.2, 5.0);
+  for (const Setting& st : kSettings) {
+    const MarginParams<double> p = params(st, 32.0);
+    const fz::ShiftParams q = fz::make_shift_params(p);
+    double worst = 0;
+    for (int trial = 0; trial < 3000; ++trial) {
+      const float wi = static_cast<float>(winv(rng)), raw = static_cast<float>(unif(rng) / wi);
+      const double g = 0.01, lse = 25.0 + 5 * unif(rng);
+      const float e = fz::shifted_exp(raw, wi, false, q);
+      const float stored = fz::round_to_bf16(fz::stored_exp(e, raw, wi, q));
+      const float b = fz::stored_grad(stored, fz::stored_row_scale(g, lse, p.scale), false, 0.f, wi);
+      const float want = fz::recompute_grad(raw, wi, false, static_cast<float>(lse * fz::kLog2e),
+                                            static_cast<float>(g * p.scale), 0.f, q);
+      worst = std::max(worst, static_cast<double>(want == 0.f ? std::fabs(b) : std::fabs(b - want) / std::fabs(want)));
+    }
+    CHECK_MSG(worst <= 0x1p-8 + 1e-5, "store-E gradient relative error " << worst);
+  }
+  const fz::ShiftParams qf = fz::make_shift_params(params(kSettings[5], 16.0));
+  CHECK_MSG(fz::stored_exp(0.5f, 0.9f, 1.f, qf) == 0.f, "a filtered negative stores 0 (no gradient)");
+  CHECK_MSG(fz::stored_grad(7.f, 2.f, true, 3.f, 0.5f) == 1.5f, "the target column takes gt * w_inv");
+}
+
 void test_projection_identity() {
   std::mt19937_64 rng(9);
   std::normal_distribution<double> normal(0.0, 1.0);
@@ -339,6 +364,7 @@ int main() {
   test_true_max_threshold();
   test_target_masking();
   test_recompute_grad();
+  test_store_e();
   test_projection_identity();
   test_merge_partials();
   test_round_to_bf16();

@@ -10,7 +10,7 @@ from .options import current_options
 
 
 @torch.library.register_fake("oclear::class_topk")
-def _class_topk_fake(embeddings, weight, exclude, k, class_chunk=0):
+def _class_topk_fake(embeddings, weight, exclude, k, class_chunk=0, backend="auto"):
     acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     return embeddings.new_empty(k, dtype=acc), embeddings.new_empty(k, dtype=torch.long)
 
@@ -34,6 +34,8 @@ def hardest_classes(embeddings: Tensor, weight: Tensor, k: int, *, exclude: Tens
         exclude: int64 class ids in [0, C), any order, duplicates allowed.
         class_chunk: classes per chunk of the kernel's class loop (None: the oclear_ext.margin_softmax_options
             block's, automatic by default); the result does not depend on it.
+    The block's `backend` applies too: "cutlass_sm90" scores every class in one fused CUTLASS GEMM whose
+    epilogue keeps the per-class max (Hopper, bfloat16; not yet run on a GPU).
     Returns:
         (scores (k,) float32 (float64 for float64 inputs), class ids (k,) int64), best first.
     """
@@ -43,4 +45,4 @@ def hardest_classes(embeddings: Tensor, weight: Tensor, k: int, *, exclude: Tens
         exclude = torch.unique(exclude)  # sorted, no duplicates: what the kernel walks along the chunks
     with torch.no_grad():
         chunk = class_chunk if class_chunk is not None else current_options().class_chunk
-        return torch.ops.oclear.class_topk(embeddings, weight, exclude, k, chunk or 0)
+        return torch.ops.oclear.class_topk(embeddings, weight, exclude, k, chunk or 0, current_options().backend)

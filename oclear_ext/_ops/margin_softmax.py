@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .autocast import register_weight_preserving_autocast
-from .options import check_margin_backend, current_options
+from .options import check_margin_backend, check_margin_backward, current_options
 from .negatives import LOCAL_IGNORE, Negatives, active_classes, restrict_to_active
 
 OP_NAME = "oclear_ext.margin_softmax_loss"
@@ -45,6 +45,7 @@ class MarginSettings:
     class_chunk: int | None = None      # None: the margin_softmax_options block's (automatic by default)
     check_labels: bool | None = None    # None: the margin_softmax_options block's (True by default)
     backend: str | None = None          # None: the margin_softmax_options block's ("auto" by default)
+    backward: str | None = None         # None: the margin_softmax_options block's ("recompute" by default)
 
     def __post_init__(self) -> None:
         if not isinstance(self.scale, Real) or isinstance(self.scale, bool):
@@ -69,6 +70,8 @@ class MarginSettings:
             raise TypeError(f"{OP_NAME}: check_labels must be a bool or None, got {self.check_labels!r}")
         if self.backend is not None:
             check_margin_backend(self.backend, OP_NAME)
+        if self.backward is not None:
+            check_margin_backward(self.backward, OP_NAME)
         # Ranges of m1, m2, m3 and the filter are checked in C++ (csrc/include/oclear/checks.h),
         # once for every backend.
 
@@ -83,6 +86,10 @@ class MarginSettings:
         backend = self.backend if self.backend is not None else block.backend
         return (self.scale, m1, m2, m3, filt, self.ignore_index, self.arcface_grad == "straight_through",
                 chunk or 0, check, backend)
+
+
+    def backward_mode(self) -> str:
+        return self.backward if self.backward is not None else current_options().backward
 
 
 def check_reduction(reduction: str) -> None:
@@ -168,6 +175,50 @@ torch.library.register_autograd("oclear::margin_softmax_forward", _backward, set
 register_weight_preserving_autocast("oclear::margin_softmax_forward", torch.ops.oclear.margin_softmax_forward)
 
 
+@torch.library.register_fake("oclear::margin_softmax_forward_stored")
+def _forward_stored_fake(embeddings, weight, labels, class_start, num_classes, scale, m1, m2, m3,
+                         interclass_filter, ignore_index, straight_through, class_chunk=0, check_labels=True,
+                         backend="cutlass_sm90"):
+    lse, target, w_inv = _forward_fake(embeddings, weight, labels, class_start, num_classes, scale, m1, m2, m3,
+                                       interclass_filter, ignore_index, straight_through)
+    return lse, target, w_inv, embeddings.new_empty(embeddings.shape[0], weight.shape[0])
+
+
+@torch.library.register_fake("oclear::margin_softmax_backward_stored")
+def _backward_stored_fake(grad_lse, grad_target, embeddings, weight, labels, lse, weight_inv_norm, stored_exp,
+                          *settings_and_needs):
+    *settings, need_x, need_w = settings_and_needs
+    return _backward_fake(grad_lse, grad_target, embeddings, weight, labels, lse, weight_inv_norm, *settings,
+                          need_x, need_w)
+
+
+_STORED_DEFAULTS = (0, True, "cutlass_sm90")
+
+
+def _setup_stored_context(ctx, inputs, output) -> None:
+    embeddings, weight, labels, *settings = inputs
+    lse, _target, weight_inv_norm, stored = output
+    ctx.save_for_backward(embeddings, weight, labels, lse, weight_inv_norm, stored)
+    ctx.settings = (*settings, *_STORED_DEFAULTS[len(settings) - 9:])
+
+
+def _backward_stored(ctx, grad_lse, grad_target, _grad_weight_inv_norm, _grad_stored):
+    embeddings, weight, labels, lse, weight_inv_norm, stored = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
+    grad_target = torch.zeros_like(lse) if grad_target is None else grad_target
+    grad_x, grad_w = torch.ops.oclear.margin_softmax_backward_stored(
+        grad_lse, grad_target, embeddings, weight, labels, lse, weight_inv_norm, stored, *ctx.settings, need_x, need_w
+    )
+    return (grad_x if need_x else None, grad_w if need_w else None, None, *(None,) * len(ctx.settings))
+
+
+torch.library.register_autograd("oclear::margin_softmax_forward_stored", _backward_stored,
+                                setup_context=_setup_stored_context)
+register_weight_preserving_autocast("oclear::margin_softmax_forward_stored",
+                                   torch.ops.oclear.margin_softmax_forward_stored)
+
+
 def margin_softmax_loss(
     embeddings: Tensor,
     weight: Tensor,
@@ -184,6 +235,7 @@ def margin_softmax_loss(
     class_chunk: int | None = None,
     check_labels: bool | None = None,
     backend: str | None = None,
+    backward: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Normalised margin softmax cross-entropy, fused: never materialises the N x C logits.
 
@@ -216,13 +268,17 @@ def margin_softmax_loss(
             "chunked" or "cutlass_sm90", the fused CUTLASS GEMMs for Hopper (bfloat16, compute capability 9.0,
             a build with 9.0a; not yet verified on a GPU, so "auto" does not pick it). A backend that cannot
             run the call raises, naming why.
+        backward: "recompute" (default) or "store" (backend "cutlass_sm90" only; None: the block's): the
+            forward keeps the bf16 N x C values exp(s cos - s) / |w_c| so that the backward needs no logit
+            GEMM; refused above margin_softmax_options' store_budget_bytes (4 GiB by default) or the device's
+            free memory.
 
     Returns:
         The loss: a scalar, or (N,) for reduction="none"; float32 for 16-bit inputs (the statistics are
         accumulated in float32), float64 for float64. With return_active, (loss, active class ids).
     """
     settings = MarginSettings(scale, margin, arcface_grad, interclass_filter, ignore_index, class_chunk, check_labels,
-                              backend)
+                              backend, backward)
     check_reduction(reduction)
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError(f"{OP_NAME}: weight must be a 2-D tensor (C, D), got {getattr(weight, 'shape', weight)!r}")
@@ -234,6 +290,17 @@ def margin_softmax_loss(
 
 
 def _full_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, settings: MarginSettings, reduction: str) -> Tensor:
+    if settings.backward_mode() == "store":
+        need = 2 * embeddings.shape[0] * weight.shape[0]
+        budget = current_options().store_budget_bytes
+        if need > budget:
+            raise ValueError(f"{OP_NAME}: backward='store' would keep {need / 2**20:.0f} MiB of bf16 values "
+                             f"(N = {embeddings.shape[0]} x C = {weight.shape[0]}), above store_budget_bytes = "
+                             f"{budget / 2**20:.0f} MiB: raise it with margin_softmax_options or use backward='recompute'")
+        lse, target, _, _ = torch.ops.oclear.margin_softmax_forward_stored(
+            embeddings, weight, labels, 0, weight.shape[0], *settings.op_args()
+        )
+        return reduce_rows(lse - target, labels != settings.ignore_index, reduction)
     lse, target, _ = torch.ops.oclear.margin_softmax_forward(
         embeddings, weight, labels, 0, weight.shape[0], *settings.op_args()
     )

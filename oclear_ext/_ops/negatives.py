@@ -121,6 +121,11 @@ def fixed_size_active(negatives: RandomNegatives, labels: Tensor, valid: Tensor,
     return torch.sort(torch.topk(scores, min(negatives.size, num_classes), sorted=False).indices).values
 
 
+def is_fixed_size(negatives: Negatives | None) -> bool:
+    """RandomNegatives(size=K): the active set is chosen on the device, without a host read."""
+    return isinstance(negatives, RandomNegatives) and negatives.size is not None
+
+
 def check_fixed_size(negatives: RandomNegatives, rows: int, num_classes: int, device: torch.device) -> None:
     """RandomNegatives(size=K), from shapes only: K >= the labelled rows (or >= C) so that every positive fits
     without counting them, and a generator on the device where the draw is made."""
@@ -142,7 +147,7 @@ def active_classes(
     Never empty: a batch whose rows are all ignored and that samples no negative gets class 0 as a
     placeholder (the loss of such a batch is 0 whatever the classes).
     """
-    if isinstance(negatives, RandomNegatives) and negatives.size is not None:
+    if is_fixed_size(negatives):
         check_fixed_size(negatives, labels.shape[0], weight.shape[0], labels.device)
         return fixed_size_active(negatives, labels, labels != ignore_index, weight.shape[0])
     return data_dependent_active_classes(negatives, embeddings, weight, labels, ignore_index)

@@ -23,8 +23,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._ops.margin_softmax import OP_NAME, MarginSettings, check_reduction, reduce_rows
-from .._ops.negatives import (LOCAL_IGNORE, Negatives, RandomNegatives, TopKNegatives, check_fixed_size,
-                              fixed_size_active, restrict_to_active, sample_active)
+from .._ops.negatives import (LOCAL_IGNORE, Negatives, TopKNegatives, check_fixed_size,
+                              fixed_size_active, is_fixed_size, restrict_to_active, sample_active)
 from .collectives import (
     all_gather_rows,
     all_reduce_max,
@@ -143,6 +143,9 @@ def sharded_margin_softmax_loss(
         is the sum over ranks of what each rank backpropagates from its rows, as with reduction="sum".
         active: this shard's active class ids (global, sorted), or None without negatives.
     """
+    if settings.backward_mode() == "store":
+        raise ValueError("oclear_ext: the class-sharded margin softmax does not take backward='store' yet "
+                         "(each shard's softmax would keep its own N x C_local values); use backward='recompute'")
     check_reduction(reduction)
     if weight_shard.shape[0] != len(shard):
         raise ValueError(f"{OP_NAME} (sharded): weight_shard has {weight_shard.shape[0]} rows but the shard "
@@ -150,7 +153,7 @@ def sharded_margin_softmax_loss(
     if isinstance(negatives, TopKNegatives) and negatives.k > num_classes:
         # Checked here, identically on every rank: a shard raising alone would leave the others hanging.
         raise ValueError(f"TopKNegatives: k = {negatives.k} exceeds the number of classes, {num_classes}")
-    if _fixed_size(negatives):
+    if is_fixed_size(negatives):
         # From shapes, the same on every rank: the global batch's rows, and the largest shard (ceil(C / P)).
         world = dist.get_world_size(group)
         check_fixed_size(negatives, local_labels.shape[0] * world, math.ceil(num_classes / world),
@@ -202,10 +205,6 @@ def sharded_margin_softmax_loss(
     return loss, active
 
 
-def _fixed_size(negatives: Negatives | None) -> bool:
-    return isinstance(negatives, RandomNegatives) and negatives.size is not None
-
-
 def _no_class_statistics(x: Tensor, no_rows: Tensor) -> tuple[Tensor, Tensor]:
     """(lse_r, target_r) of a shard taking no part: lse_r = -inf adds exp(-inf - M) = 0 to every row's sum.
 
@@ -228,7 +227,7 @@ def _sampled_shard_statistics(x: Tensor, labels: Tensor, valid: Tensor, weight_s
     local_labels = labels - shard.start
     if len(shard) == 0:
         active = torch.empty(0, dtype=torch.long, device=x.device)
-    elif _fixed_size(negatives):  # no host read: min(size, len(shard)) classes (checked by the caller)
+    elif is_fixed_size(negatives):  # no host read: min(size, len(shard)) classes (checked by the caller)
         active = fixed_size_active(negatives, local_labels, owned, len(shard))
     else:
         if isinstance(negatives, TopKNegatives) and negatives.k > len(shard):

@@ -95,6 +95,22 @@ OCLEAR_HD float projection_coefficient(double r, float w_inv) {
   return static_cast<float>(-static_cast<double>(w_inv) * static_cast<double>(w_inv) * r);
 }
 
+// Store-E mode. The forward also keeps E'_ic = exp(s cos - s) * w_inv in bf16 (0 on the target column and on
+// filtered negatives, which get no gradient), so the backward needs no recompute GEMM:
+//   B_ic = a_i * E'_ic  with  a_i = g_i * s * exp(s - lse_i)   (= recompute_grad's value for a negative)
+//   B_iy = gt_i * w_inv_y  on the target column, as in recompute mode.
+OCLEAR_HD float stored_exp(float e, float raw, float w_inv, const ShiftParams& p) {
+  if (p.has_filter && clamp_unit(raw * w_inv) > p.filter) return 0.f;
+  return e * w_inv;
+}
+
+OCLEAR_HD float stored_grad(float stored, float a, bool is_target, float gt, float w_inv) {
+  return is_target ? gt * w_inv : a * stored;
+}
+
+// a_i of stored_grad, in float64 then rounded: exp(s - lse) can be large (lse < s when every cosine is below 1).
+OCLEAR_HD float stored_row_scale(double g, double lse, double scale) { return static_cast<float>(g * scale * exp(scale - lse)); }
+
 // The target's logit z_t = s * psi(cos_t) and its forward term exp(z_t - s), in float64.
 struct TargetTerms {
   double logit;
