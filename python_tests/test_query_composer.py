@@ -71,7 +71,7 @@ def test_each_mode_computes_its_formula(mode):
         expected = F.normalize(i + p, dim=1)
     else:
         c = composer.image_to_modifier(v.unsqueeze(1), tokens, tokens, padding).squeeze(1)
-        t = F.normalize(composer.read_projection(c), dim=1)
+        t = F.normalize(i + p + F.normalize(composer.read_projection(c), dim=1), dim=1)
         alpha = torch.sigmoid(composer.weight(torch.cat([i, t, i * t], 1))).squeeze(1)
         assert torch.allclose(parts["alpha"], alpha)
         assert not torch.allclose(alpha, torch.full_like(alpha, 0.5))

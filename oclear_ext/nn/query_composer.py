@@ -7,9 +7,16 @@ computes, for the query head's image vector v (B, D) and the modifier's tokens T
 
     c     = Attn(v, T, T, modifier mask)          the image reads the modifier (the concept attention op)
     i     = normalize(v)                          image part (exactly today's image-only query)
-    t     = normalize(W c)                        text part: the modifier as this image reads it
+    p     = normalize(P mean(T))                  the modifier on its own (pooled, image-free)
+    t     = normalize(i + p + normalize(W c))     text part: the reference moved by the modifier, directly
+                                                  and as this image reads it
     alpha = sigmoid(a . [i, t, i * t] + b)        adaptive weight of the image part, per query, in (0, 1)
     q     = normalize(alpha * i + (1 - alpha) * t)
+
+The text part is a residual on the image: the target is the reference with one attribute changed, so a
+text part made of the modifier's tokens alone cannot carry the reference's identity (the first version,
+t = normalize(W c), did no better than the fixed sum below on the validation split;
+benchmarks/results/composed_validation_cpu.json).
 
 The fixed-weight and single-modality variants (`mode`) are the baselines: "sum" is
 normalize(i + p) with p = normalize(P mean(T)), the modifier pooled without the image (a fixed 50/50
@@ -74,20 +81,24 @@ class QueryComposer(nn.Module):
             q = i
         elif self.mode == "adaptive":
             c = self.image_to_modifier(image_vec.unsqueeze(1), tokens, tokens, padding).squeeze(1)
-            t = F.normalize(self.read_projection(c), dim=1)
+            t = F.normalize(i + self._pooled(tokens, padding) + F.normalize(self.read_projection(c), dim=1), dim=1)
             alpha = torch.sigmoid(self.weight(torch.cat([i, t, i * t], dim=1))).squeeze(1)
             alpha = torch.where(has_words, alpha, torch.ones_like(alpha))
             q = F.normalize(alpha[:, None] * i + (1 - alpha[:, None]) * t, dim=1)
             parts.update(text=t, alpha=alpha)
         else:
-            keep = (~padding).to(tokens.dtype).unsqueeze(2)  # (B, L, 1)
-            pooled = (tokens * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
-            p = F.normalize(self.pool_projection(pooled), dim=1)
+            p = self._pooled(tokens, padding)
             q = p if self.mode == "text" else F.normalize(i + p, dim=1)
             parts.update(text=p)
         # A row without modifier words is the image-only query exactly (torch.where picks i's own bits).
         q = torch.where(has_words[:, None], q, i)
         return (q, parts) if return_parts else q
+
+    def _pooled(self, tokens: Tensor, padding: Tensor) -> Tensor:
+        """p = normalize(P mean(T)) over the modifier's words: (B, L, D), (B, L) -> (B, D)."""
+        keep = (~padding).to(tokens.dtype).unsqueeze(2)  # (B, L, 1)
+        pooled = (tokens * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
+        return F.normalize(self.pool_projection(pooled), dim=1)
 
     def _check(self, image_vec: Tensor, tokens: Tensor, padding: Tensor) -> None:
         if image_vec.dim() != 2 or image_vec.shape[1] != self.dim:
