@@ -162,3 +162,14 @@ def test_demo_rejects_zero_seeds(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(["--out", str(tmp_path), "--seeds", "0"])
     assert "--seeds must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_demo_query_models_are_checked(tmp_path, capsys):
+    from oclear_ext.train.demo import run
+
+    with pytest.raises(SystemExit):
+        run(["--out", str(tmp_path), "--query-models", "composed, adaptive"])
+    assert "--query-models is for --task composed" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(["--out", str(tmp_path), "--task", "composed", "--query-models", "best"])
+    assert "--query-models: unknown ['best']" in capsys.readouterr().err

@@ -39,11 +39,12 @@ def run_composed(args: argparse.Namespace, out: Path, summarise, format_rows) ->
     t0 = time.perf_counter()
     heldout = resolve_manifest(BUILTIN_EMOJI_COMPOSED, "heldout", out / "data")
     seeds = list(range(args.seed, args.seed + args.seeds))
-    per_seed: dict[str, list] = {name: [] for name, _ in MODES}
+    modes = [(name, mode) for name, mode in MODES if args.query_models is None or name in args.query_models]
+    per_seed: dict[str, list] = {name: [] for name, _ in modes}
     weights: list[dict] = []
     first_adaptive = None
     for seed in seeds:
-        for name, mode in MODES:
+        for name, mode in modes:
             print(f"seed {seed}: training {name}", flush=True)
             config = TrainConfig(train_manifest=BUILTIN_EMOJI_COMPOSED, out_dir=str(out / f"run-{mode}-seed{seed}"),
                                  composed_queries=True, query_composition=mode, image_encoder=args.image_encoder,
@@ -57,7 +58,7 @@ def run_composed(args: argparse.Namespace, out: Path, summarise, format_rows) ->
                 first_adaptive = first_adaptive or (result, manifest)
 
     rows = {name: summarise([r.metrics["instance"] for r in results]) for name, results in per_seed.items()}
-    result, manifest = first_adaptive
+    result, manifest = first_adaptive or (per_seed[modes[0][0]][0], load_manifest(heldout))
     q_items = [manifest.items[i] for i in manifest.indices("query")]
     d_items = [manifest.items[i] for i in manifest.indices("doc")]
     draw_grid(result, [it.image for it in q_items], [it.image for it in d_items], out / "retrieval.png",

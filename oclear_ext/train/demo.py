@@ -112,14 +112,21 @@ def run(argv: list[str] | None = None) -> dict:
     parser.add_argument("--models", nargs="+", default=list(TRAINED), choices=list(TRAINED), metavar="MODEL",
                         help=f"the trained models to run (default: all of {list(TRAINED)}; the untrained one is "
                              "always evaluated)")
+    parser.add_argument("--query-models", nargs="+", default=None, metavar="MODEL",
+                        help="--task composed: the query models to run (default: all four; names as in its table)")
     args = parser.parse_args(argv)
+    if args.query_models is not None and args.task != "composed":
+        parser.error("--query-models is for --task composed")
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.task == "composed":
-        from .composed_demo import run_composed
+        from .composed_demo import MODES, run_composed
 
+        unknown = sorted(set(args.query_models or ()) - {name for name, _ in MODES})
+        if unknown:
+            parser.error(f"--query-models: unknown {unknown}; choose from {[name for name, _ in MODES]}")
         return run_composed(args, out, summarise, format_rows)
     t0 = time.perf_counter()
     heldout = resolve_manifest("builtin:emoji", "heldout", out / "data")
