@@ -17,6 +17,8 @@
 #include <oclear/margin.h>
 #include <oclear/margin_epilogue.h>
 
+#include "unit_check.h"
+
 #include <algorithm>
 #include <cmath>
 #include <iomanip>
@@ -28,29 +30,6 @@
 #include <vector>
 
 namespace {
-
-int g_passed = 0;
-int g_failed = 0;
-
-void record(bool ok, int line, const std::string& detail) {
-  if (ok) {
-    ++g_passed;
-    return;
-  }
-  ++g_failed;
-  std::cout << __FILE__ << ":" << line << ": FAILED: " << detail << std::endl;
-}
-
-#define CHECK_MSG(cond, msg)                                \
-  do {                                                      \
-    if (cond) {                                             \
-      record(true, __LINE__, "");                           \
-    } else {                                                \
-      std::ostringstream os_;                               \
-      os_ << std::setprecision(17) << #cond << ": " << msg; \
-      record(false, __LINE__, os_.str());                   \
-    }                                                       \
-  } while (0)
 
 namespace fz = oclear::fused;
 using oclear::MarginParams;
@@ -368,6 +347,5 @@ int main() {
   test_projection_identity();
   test_merge_partials();
   test_round_to_bf16();
-  std::cout << g_passed << " passed, " << g_failed << " failed" << std::endl;
-  return g_failed == 0 ? 0 : 1;
+  return unit_check::finish();
 }

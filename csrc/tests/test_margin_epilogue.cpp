@@ -12,6 +12,8 @@
 #include <oclear/margin_epilogue.h>
 #include <oclear/online_softmax.h>
 
+#include "unit_check.h"
+
 #include <algorithm>
 #include <cmath>
 #include <iomanip>
@@ -22,29 +24,6 @@
 #include <vector>
 
 namespace {
-
-int g_passed = 0;
-int g_failed = 0;
-
-void record(bool ok, int line, const std::string& detail) {
-  if (ok) {
-    ++g_passed;
-    return;
-  }
-  ++g_failed;
-  std::cout << __FILE__ << ":" << line << ": FAILED: " << detail << std::endl;
-}
-
-#define CHECK_MSG(cond, msg)                          \
-  do {                                                \
-    if (cond) {                                       \
-      record(true, __LINE__, "");                     \
-    } else {                                          \
-      std::ostringstream os_;                         \
-      os_ << std::setprecision(17) << #cond << ": " << msg; \
-      record(false, __LINE__, os_.str());             \
-    }                                                 \
-  } while (0)
 
 using oclear::MarginParams;
 
@@ -225,6 +204,5 @@ int main() {
   test_gradient_finite_differences();
   test_gradient_scaling_filter_straight_through_and_float();
   test_streamed_row_lse();
-  std::cout << g_passed << " passed, " << g_failed << " failed" << std::endl;
-  return g_failed == 0 ? 0 : 1;
+  return unit_check::finish();
 }

@@ -181,7 +181,9 @@ def _forward_stored_fake(embeddings, weight, labels, class_start, num_classes, s
                          backend="cutlass_sm90"):
     lse, target, w_inv = _forward_fake(embeddings, weight, labels, class_start, num_classes, scale, m1, m2, m3,
                                        interclass_filter, ignore_index, straight_through)
-    return lse, target, w_inv, embeddings.new_empty(embeddings.shape[0], weight.shape[0])
+    c = weight.shape[0]
+    # The kernel's E' rows start at 8-element (16-byte) multiples, for TMA: a view of that width.
+    return lse, target, w_inv, embeddings.new_empty_strided((embeddings.shape[0], c), ((c + 7) // 8 * 8, 1))
 
 
 @torch.library.register_fake("oclear::margin_softmax_backward_stored")
