@@ -38,7 +38,7 @@ class TrainConfig:
     composed_queries: bool = False          # build the query composer (nn.QueryComposer)
     query_composition: str = "adaptive"     # adaptive | sum | text | image (the last three: baselines)
     composition_weight_loss: float = 1.0    # adaptive: weight of the self-supervised loss on the per-query weight
-    composition_temperature: float = 1.0    # adaptive: its targets are sigmoid((loss(text) - loss(image)) / T)
+    composition_temperature: float = 5.0    # adaptive: its targets are sigmoid((loss(text) - loss(image)) / T)
     # contrastive term (CLCE, docs/contrastive.md): a label-aware supervised contrastive loss with hard-negative
     # weights on the batch's embeddings (queries and docs), added to the margin softmax; over the global batch
     # when distributed, independent of negatives sampling
