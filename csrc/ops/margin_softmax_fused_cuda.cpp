@@ -11,9 +11,13 @@
 //             writing B = dLoss/dcos * w_inv as bf16 and the per-class sums r_c of the weight projection;
 //             dx^ += B W_chunk (ATen, float32 accumulation across chunks); dW_chunk = B^T x^ with the
 //             projection fma(beta_c, w_c, .) in the GEMM's epilogue (no float32 E in memory).
+//   store-E   (backward="store") the forward GEMM also stores E' = bf16(E * w_inv) (N x C); per chunk the
+//             backward builds B from it, then dx^ += B W_chunk and E = B^T x^ (cuBLAS, float32 T x D) and the
+//             chunked path's projection kernel: no logit GEMM in the backward.
 //
 // Memory beyond inputs, outputs and gradients: n x ceil(C / 256) float32 partials in the forward
-// (16 MiB at n = 1024, C = 1M); per backward chunk n x T bf16 B plus O(T + n) vectors.
+// (16 MiB at n = 1024, C = 1M); per backward chunk n x T bf16 B plus O(T + n) vectors (store-E: plus E',
+// 2 bytes x n x C, and a T x D float32 E chunk).
 #ifdef OCLEAR_WITH_CUDA
 
 #include <ATen/ATen.h>
