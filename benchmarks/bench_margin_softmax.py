@@ -4,6 +4,7 @@ Variants, in one process on the same inputs (N x D embeddings, C x D class weigh
   gemm3              the three plain GEMMs of the same shapes (logits, dX, dW): the practical ceiling
   fused              oclear_ext.margin_softmax_loss, CosFace (s=64, m=0.4), default backend (what a user gets)
   fused_cutlass      the same with backend="cutlass_sm90" (the fused CUTLASS GEMMs; CUDA sm_90 builds with them)
+  fused_cutlass_store  the same with backward="store" (the forward keeps N x C bf16 values, no recompute)
   reference          oclear_ext.reference.margin_softmax_loss, same settings (materialises N x C)
   fused_marginfree   the fused op at margin (1, 0, 0), scale 1, on pre-normalised inputs
   fused_cutlass_marginfree   the same with backend="cutlass_sm90"
@@ -150,6 +151,12 @@ def make_variants(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, chunks
         variants["fused_cutlass"] = run(lambda a, b: oclear_ext.margin_softmax_loss(a, b, labels, **fused_cutlass), xl, wl)
         variants["fused_cutlass_marginfree"] = run(
             lambda a, b: oclear_ext.margin_softmax_loss(a, b, labels, **free_cutlass), xhl, whl)
+
+        def store(a, b):  # the store-E mode: N x C bf16 kept between forward and backward (budget lifted here)
+            with oclear_ext.margin_softmax_options(store_budget_bytes=1 << 40):
+                return oclear_ext.margin_softmax_loss(a, b, labels, backward="store", **fused_cutlass)
+
+        variants["fused_cutlass_store"] = run(store, xl, wl)
     if x.is_cuda:
         for t in chunks:  # the CUDA glue's classes-per-chunk, swept to tune its default
             variants[f"fused_chunk{t}"] = with_class_chunk(variants["fused"], t)
@@ -228,10 +235,11 @@ def check_agreement(variants: dict, dtype: torch.dtype) -> dict:
         ref = variants["reference"]().float()
         torch.testing.assert_close(fused, ref, **tol)
         out["fused_vs_reference_abs_diff"] = (fused - ref).abs().item()
-    if "fused_cutlass" in variants:
-        cut = variants["fused_cutlass"]().float()
-        torch.testing.assert_close(cut, fused, **tol)
-        out["fused_cutlass_vs_fused_abs_diff"] = (cut - fused).abs().item()
+    for name in ("fused_cutlass", "fused_cutlass_store"):
+        if name in variants:
+            cut = variants[name]().float()
+            torch.testing.assert_close(cut, fused, **tol)
+            out[f"{name}_vs_fused_abs_diff"] = (cut - fused).abs().item()
     free = variants["fused_marginfree"]().float()
     for name in ("fused_cutlass_marginfree", "lce", "cce", "cce_exact", "liger", "liger_cmc512", "liger_cmc2048"):
         if name in variants:
@@ -289,6 +297,8 @@ def bench_size(n: int, d: int, c: int, device: torch.device, dtype: torch.dtype,
     ratios = {"fused_over_gemm3": t["fused"] / t["gemm3"]}
     if "fused_cutlass" in t:
         ratios["fused_cutlass_over_gemm3"] = t["fused_cutlass"] / t["gemm3"]
+        if "fused_cutlass_store" in t:
+            ratios["fused_cutlass_store_over_gemm3"] = t["fused_cutlass_store"] / t["gemm3"]
         ratios["fused_cutlass_marginfree_over_gemm3"] = t["fused_cutlass_marginfree"] / t["gemm3"]
     if "reference" in t:
         ratios["reference_over_fused"] = t["reference"] / t["fused"]
