@@ -42,7 +42,8 @@ fi
 # Allowed spills: float64 instantiations (correctness paths), and two concept-attention instantiations on
 # sm_80 only (forward for Dh 33..64: 16/24 bytes; dK/dV for Dh 65..128: 16/24 bytes; sm_90 is clean).
 # They are to be removed when the kernels are tuned on a GPU (issue 10), not hidden: the report lists them.
-allow='<double(, double)?>|^sm_80 .*::(forward_kernel<[^,]+, 2>|backward_dkdv_kernel<[^,]+, 4>)\('
+# (<double> as a template argument, not MarginParams<double> in a signature, which many float kernels take.)
+allow='(?<!MarginParams)<double(, double)?>|^sm_80 .*::(forward_kernel<[^,]+, 2>|backward_dkdv_kernel<[^,]+, 4>)\('
 python .ci/ptxas_report.py "$log" --allow-spills "$allow" | tee "$LOG_DIR/cuda_gate_ptxas.txt"
 # The fused sm_90a GEMMs: every CUTLASS kernel entry in the kept PTX must issue wgmma (a build for plain
 # sm_90, or a lost arch guard, compiles them to empty bodies that would still pass ptxas).

@@ -26,6 +26,8 @@ from oclear_ext._ops.margin_softmax import MarginSettings
 
 FORWARD = torch.ops.oclear.margin_softmax_forward.default
 BACKWARD = torch.ops.oclear.margin_softmax_backward.default
+FORWARD_STORED = torch.ops.oclear.margin_softmax_forward_stored.default
+BACKWARD_STORED = torch.ops.oclear.margin_softmax_backward_stored.default
 
 
 def check_finite(name: str, *tensors: torch.Tensor) -> None:
@@ -87,13 +89,15 @@ def margin_softmax_calls(device: torch.device) -> int:
 
 
 def fused_margin_softmax_calls(device: torch.device) -> int:
-    """backend="cutlass_sm90" (bf16, sm_90 builds with the fused kernels): ragged row and class tiles, a
-    class shard, chunk edges, ignored rows, a row that takes the true-max path; 0 where unavailable."""
+    """backend="cutlass_sm90" (bf16, sm_90 builds with the fused kernels), recompute and store-E modes: ragged
+    row and class tiles, a class shard, chunk edges, ignored rows, a row that takes the true-max path; 0 where
+    unavailable."""
     if torch.cuda.get_device_capability(device) != (9, 0) or not oclear_ext.build_info.get("fused_sm90"):
         return 0
     calls = 0
     g = torch.Generator(device="cpu").manual_seed(1)
-    for n, c, d, class_start, chunk in ((130, 700, 64, 0, 256), (1, 300, 8, 0, None), (257, 1000, 136, 40, 512)):
+    # Class counts are multiples of 8 (the fused backend's requirement); rows and tiles are ragged.
+    for n, c, d, class_start, chunk in ((130, 704, 64, 0, 256), (1, 304, 8, 0, None), (257, 1000, 136, 40, 512)):
         num_classes = class_start + c + 3
         direction = torch.randn(d, generator=g)
         w = (direction + 0.3 * torch.randn(c, d, generator=g)).to(device, torch.bfloat16)
@@ -111,6 +115,12 @@ def fused_margin_softmax_calls(device: torch.device) -> int:
         for need_x, need_w in ((True, True), (False, True), (True, False)):
             check_finite("fused backward", *BACKWARD(gl, -gl, x, w, labels, lse, w_inv, *args, need_x, need_w))
             calls += 1
+        # Store-E mode: the forward also writes E', the backward reads it (and recomputes row 0, lost to the flush).
+        lse_s, target_s, w_inv_s, stored = FORWARD_STORED(x, w, labels, *args)
+        check_finite("fused forward (store-E)", lse_s, target_s, w_inv_s, stored)
+        check_finite("fused backward (store-E)",
+                     *BACKWARD_STORED(gl, -gl, x, w, labels, lse_s, w_inv_s, stored, *args, True, True))
+        calls += 2
     return calls
 
 

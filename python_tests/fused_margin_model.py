@@ -123,6 +123,15 @@ def _row_inputs(x_hat, w, w_inv, cols, lse, grad_lse, grad_target, mg: Margin):
     return (lse.double() * LOG2E).float(), (grad_lse.double() * mg.scale).float(), gt
 
 
+def _recomputed_grad(raw: Tensor, w_inv: Tensor, lse2: Tensor, gs: Tensor, k: Tensor, mg: Margin) -> Tensor:
+    """The recompute epilogue's B for the negatives (the target column is set by the caller), float32."""
+    cos = (raw * w_inv).clamp(-1, 1)
+    b = torch.exp2(k * cos - lse2[:, None]) * gs[:, None] * w_inv
+    if mg.interclass_filter is not None:
+        b = torch.where(cos > mg.interclass_filter, torch.zeros_like(b), b)
+    return b
+
+
 def _project_weight(e_rows: Tensor, w: Tensor, w_inv: Tensor, r: Tensor) -> Tensor:
     beta = torch.where(w_inv * NORM_EPS < 1, (-(w_inv.double() ** 2) * r).float(), torch.zeros_like(w_inv))
     return bf16(e_rows + beta[:, None] * w)
@@ -154,13 +163,16 @@ def backward(x, w_rows, labels, lse, grad_lse, grad_target, mg: Margin, class_st
         is_target = (torch.arange(c0, c0 + t)[None, :] == cols[:, None])
         if stored is None:  # recompute: the epilogue's recompute_grad, rounded to bf16 by the store
             raw = gemm(x_hat, wc)
-            cos = (raw * wic).clamp(-1, 1)
-            b = torch.exp2(k * cos - lse2[:, None]) * gs[:, None] * wic
-            if mg.interclass_filter is not None:
-                b = torch.where(cos > mg.interclass_filter, torch.zeros_like(b), b)
+            b = _recomputed_grad(raw, wic, lse2, gs, k, mg)
         else:  # store-E: dS = diag(s g e^(s - lse)) E', the target column added from its row value
             a = (gs.double() * torch.exp(mg.scale - lse.double())).float()
             b = a[:, None] * stored[:, c0:c0 + t]
+            # Rows whose E' the flush lost (fused_margin.h's stored_row_lost) recompute their logits.
+            lost = ~(torch.exp(lse.double() - mg.scale) >= classes * 2.0 ** -101)
+            if lost.any():
+                b_lost = _recomputed_grad(gemm(x_hat[lost], wc), wic, lse2[lost], gs[lost], k, mg)
+                b = torch.where(lost[:, None], torch.zeros_like(b), b)
+                b[lost] = b_lost
         b = bf16(torch.where(is_target, gt[:, None] * wic, b))
         grad_x_hat += gemm(b, wc.T.contiguous())
         e_rows = gemm(b.T.contiguous(), x_hat.T.contiguous())

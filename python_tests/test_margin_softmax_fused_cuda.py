@@ -43,7 +43,7 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize("margin", sorted(MARGINS))
-@pytest.mark.parametrize("n, c, d", [(1, 300, 64), (200, 1000, 128), (1024, 70_000, 512)])
+@pytest.mark.parametrize("n, c, d", [(1, 304, 64), (200, 1000, 128), (1024, 70_000, 512)])
 def test_matches_chunked_path_and_float64(margin, n, c, d):
     x, w, labels = inputs(n, c, d, ignore_every=13 if n > 1 else 0)
     kwargs = dict(scale=64.0, margin=MARGINS[margin])
@@ -93,7 +93,7 @@ def test_underflowing_rows_take_the_true_max():
 def test_class_shards_match_the_chunked_op():
     x, w, labels = inputs(257, 3000, 128, seed=3)
     forward = torch.ops.oclear.margin_softmax_forward
-    for start, stop in ((0, 1111), (1111, 3000)):
+    for start, stop in ((0, 1112), (1112, 3000)):
         args = (x, w[start:stop], labels, start, 3000, 64.0, 1.0, 0.5, 0.0, None, -100, False, 0, True)
         lse_f, target_f, _ = forward(*args, "cutlass_sm90")
         lse_c, target_c, _ = forward(*args, "chunked")
@@ -102,13 +102,15 @@ def test_class_shards_match_the_chunked_op():
 
 
 def test_unsupported_calls_say_why():
-    x, w, labels = inputs(8, 100, 64)
+    x, w, labels = inputs(8, 104, 64)
     with pytest.raises(ValueError, match="bfloat16"):
         oclear_ext.margin_softmax_loss(x.half(), w.half(), labels, backend="cutlass_sm90")
     with pytest.raises(ValueError, match="multiple of 8"):
         oclear_ext.margin_softmax_loss(x[:, :60], w[:, :60], labels, backend="cutlass_sm90")
     with pytest.raises(ValueError, match="contiguous"):
         oclear_ext.margin_softmax_loss(x, w.t().contiguous().t(), labels, backend="cutlass_sm90")
+    with pytest.raises(ValueError, match="multiple of 8 classes"):
+        oclear_ext.margin_softmax_loss(x, w[:100], labels % 100, backend="cutlass_sm90")
 
 
 def test_reference_agrees_on_a_plain_normalised_softmax():
@@ -129,6 +131,25 @@ def test_store_mode_matches_recompute(margin):
     assert torch.equal(stored[0], recomputed[0])  # the same forward GEMM and merge
     for got, base, ref in zip(stored[1:], recomputed[1:], want[1:]):
         assert rel(got, ref) <= 2 * rel(base, ref) + 1e-3  # E' is rounded to bf16 once more
+
+
+def test_store_mode_recomputes_the_rows_lost_to_the_flush():
+    # Rows 0-3: every cosine near -0.95 at s = 64, so their E' is all zeros (the forward's true-max rows); the
+    # store-E backward must recompute their logits and agree with recompute mode.
+    d, c = 64, 3000
+    g = torch.Generator().manual_seed(7)
+    direction = torch.randn(d, generator=g)
+    w = (-direction[None, :] + 0.2 * torch.randn(c, d, generator=g)).cuda().bfloat16()
+    x = torch.cat([direction[None, :].expand(4, d), torch.randn(4, d, generator=g)]).cuda().bfloat16()
+    labels = torch.full((8,), -100, device="cuda")
+    args = (0, c, 64.0, 1.0, 0.0, 0.4, None, -100, False, 0, True, "cutlass_sm90")
+    lse, _, w_inv, stored = torch.ops.oclear.margin_softmax_forward_stored(x, w, labels, *args)
+    assert torch.count_nonzero(stored[:4]) == 0
+    gl = torch.full((8,), 0.125, device="cuda")
+    got = torch.ops.oclear.margin_softmax_backward_stored(gl, -gl, x, w, labels, lse, w_inv, stored, *args, True, True)
+    want = torch.ops.oclear.margin_softmax_backward(gl, -gl, x, w, labels, lse, w_inv, *args, True, True)
+    assert rel(got[0][:4].double(), want[0][:4].double()) < 1e-2
+    assert rel(got[0].double(), want[0].double()) < 1e-2 and rel(got[1].double(), want[1].double()) < 1e-2
 
 
 def test_store_mode_budget_and_backend():

@@ -113,33 +113,55 @@ __global__ void __launch_bounds__(kThreads) row_grads_kernel(const float* __rest
                                                              const float* __restrict__ label_col,
                                                              const float* __restrict__ grad_lse,
                                                              const float* __restrict__ grad_target,
-                                                             const float* __restrict__ lse, int64_t n,
+                                                             const float* __restrict__ lse, int64_t n, int64_t classes,
                                                              MarginParams<double> margin, float* __restrict__ lse2,
                                                              float* __restrict__ gs, float* __restrict__ gt,
-                                                             float* __restrict__ row_scale) {
+                                                             float* __restrict__ row_scale,
+                                                             int32_t* __restrict__ lost_row) {
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < n; i += int64_t(gridDim.x) * kThreads) {
     lse2[i] = static_cast<float>(static_cast<double>(lse[i]) * fused::kLog2e);
     gs[i] = static_cast<float>(static_cast<double>(grad_lse[i]) * margin.scale);
-    if (row_scale != nullptr) row_scale[i] = fused::stored_row_scale(grad_lse[i], lse[i], margin.scale);
+    if (row_scale != nullptr) {
+      row_scale[i] = fused::stored_row_scale(grad_lse[i], lse[i], margin.scale);
+      lost_row[i] = fused::stored_row_lost(lse[i], margin.scale, classes) ? 1 : 0;
+    }
     gt[i] = label_col[i] >= 0.f ? static_cast<float>(fused::target_grad(target_cos[i], grad_lse[i], grad_target[i],
                                                                         lse[i], margin))
                                 : 0.f;
   }
 }
 
-// One thread per element of the chunk; threads of a block run along the classes of one row (coalesced).
+// One thread per element of the chunk; threads of a block run along the classes of one row (coalesced). A row
+// whose E' the flush lost (lost_row, uniform across the block) recomputes its logits instead, one dot product
+// per thread: a rare path (stored_row_lost), correct rather than fast.
 __global__ void __launch_bounds__(kThreads) stored_grad_kernel(const __nv_bfloat16* __restrict__ stored,
                                                                int64_t ld_stored, int64_t c0, int64_t t, int64_t n,
                                                                const float* __restrict__ row_scale,
                                                                const float* __restrict__ label_col,
                                                                const float* __restrict__ gt,
                                                                const float* __restrict__ w_inv,
+                                                               const int32_t* __restrict__ lost_row,
+                                                               const __nv_bfloat16* __restrict__ x_hat,
+                                                               const __nv_bfloat16* __restrict__ w, int64_t d,
+                                                               const float* __restrict__ lse2,
+                                                               const float* __restrict__ gs, fused::ShiftParams shift,
                                                                __nv_bfloat16* __restrict__ b, int64_t ld_b) {
   for (int64_t i = blockIdx.y; i < n; i += gridDim.y) {
     const float a = row_scale[i], g = gt[i], y = label_col[i];
+    const bool lost = lost_row[i] != 0;
     for (int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x; c < t; c += int64_t(gridDim.x) * kThreads) {
-      const float e = __bfloat162float(stored[i * ld_stored + c0 + c]);
-      b[i * ld_b + c] = __float2bfloat16_rn(fused::stored_grad(e, a, static_cast<float>(c0 + c) == y, g, w_inv[c]));
+      const bool is_target = static_cast<float>(c0 + c) == y;
+      float grad;
+      if (lost) {
+        float raw = 0.f;
+        for (int64_t k = 0; k < d; ++k) {
+          raw = fmaf(__bfloat162float(x_hat[i * d + k]), __bfloat162float(w[c * d + k]), raw);
+        }
+        grad = fused::recompute_grad(raw, w_inv[c], is_target, lse2[i], gs[i], g, shift);
+      } else {
+        grad = fused::stored_grad(__bfloat162float(stored[i * ld_stored + c0 + c]), a, is_target, g, w_inv[c]);
+      }
+      b[i * ld_b + c] = __float2bfloat16_rn(grad);
     }
   }
 }
@@ -152,8 +174,11 @@ __global__ void __launch_bounds__(kThreads) projection_kernel(const float* __res
   }
 }
 
-bool launched() { return cudaGetLastError() == cudaSuccess; }
+}  // namespace
 
+#ifndef OCLEAR_CUDA_EMULATION  // the CPU emulation test (csrc/tests/cuda_emulation) launches the kernels itself
+namespace {
+bool launched() { return cudaGetLastError() == cudaSuccess; }
 }  // namespace
 
 bool launch_fused_target(const void* x_hat, const void* w, const float* w_inv, const int64_t* labels, int64_t n,
@@ -187,23 +212,27 @@ bool launch_fused_true_max(const int32_t* true_max, const void* x_hat, const voi
 }
 
 bool launch_fused_row_grads(const float* target_cos, const float* label_col, const float* grad_lse,
-                            const float* grad_target, const float* lse, int64_t n,
+                            const float* grad_target, const float* lse, int64_t n, int64_t classes,
                             const MarginParams<double>& margin, float* lse2, float* gs, float* gt, float* row_scale,
-                            cudaStream_t stream) {
+                            int32_t* lost_row, cudaStream_t stream) {
   if (n == 0) return true;
   row_grads_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(target_cos, label_col, grad_lse, grad_target,
-                                                                      lse, n, margin, lse2, gs, gt, row_scale);
+                                                                      lse, n, classes, margin, lse2, gs, gt, row_scale,
+                                                                      lost_row);
   return launched();
 }
 
 bool launch_fused_stored_grad(const void* stored, int64_t ld_stored, int64_t c0, int64_t t, int64_t n,
                               const float* row_scale, const float* label_col, const float* gt, const float* w_inv,
-                              void* b, int64_t ld_b, cudaStream_t stream) {
+                              const int32_t* lost_row, const void* x_hat, const void* w, int64_t d,
+                              const float* lse2, const float* gs, const fused::ShiftParams& shift, void* b,
+                              int64_t ld_b, cudaStream_t stream) {
   if (n == 0 || t == 0) return true;
   const dim3 grid(static_cast<unsigned>(blocks_for(t, kThreads)), static_cast<unsigned>(n < 65535 ? n : 65535));
-  stored_grad_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(stored), ld_stored, c0, t, n,
-                                                    row_scale, label_col, gt, w_inv, static_cast<__nv_bfloat16*>(b),
-                                                    ld_b);
+  stored_grad_kernel<<<grid, kThreads, 0, stream>>>(
+      static_cast<const __nv_bfloat16*>(stored), ld_stored, c0, t, n, row_scale, label_col, gt, w_inv, lost_row,
+      static_cast<const __nv_bfloat16*>(x_hat), static_cast<const __nv_bfloat16*>(w), d, lse2, gs, shift,
+      static_cast<__nv_bfloat16*>(b), ld_b);
   return launched();
 }
 
@@ -213,5 +242,7 @@ bool launch_fused_projection(const float* r_partial, int64_t row_tiles, int64_t 
   projection_kernel<<<blocks_for(t, kThreads), kThreads, 0, stream>>>(r_partial, row_tiles, t_pad, w_inv, t, beta);
   return launched();
 }
+
+#endif  // OCLEAR_CUDA_EMULATION
 
 }  // namespace oclear::cuda

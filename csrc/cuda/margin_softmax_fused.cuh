@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include <oclear/fused_margin.h>
 #include <oclear/margin.h>
 
 namespace oclear::cuda {
@@ -38,17 +39,22 @@ bool launch_fused_true_max(const int32_t* true_max, const void* x_hat, const voi
 
 // Per-row inputs of the recompute epilogue: lse2 = lse * log2(e), gs = grad_lse * s, and
 // gt = target_grad(target_cos, grad_lse, grad_target, lse) for rows whose label is in the shard
-// (label_col >= 0), else 0; with row_scale not null, also the store-E mode's stored_row_scale there.
+// (label_col >= 0), else 0; with row_scale not null (store-E mode), also stored_row_scale there and
+// lost_row = stored_row_lost(lse, s, classes) (classes: the shard's).
 bool launch_fused_row_grads(const float* target_cos, const float* label_col, const float* grad_lse,
-                            const float* grad_target, const float* lse, int64_t n,
+                            const float* grad_target, const float* lse, int64_t n, int64_t classes,
                             const MarginParams<double>& margin, float* lse2, float* gs, float* gt, float* row_scale,
-                            cudaStream_t stream);
+                            int32_t* lost_row, cudaStream_t stream);
 
-// Store-E backward, one chunk of t classes from c0: b[i * ld_b + c] = bf16(stored_grad(stored[i * ld_stored +
-// c0 + c], row_scale[i], c0 + c == label_col[i], gt[i], w_inv[c])) (w_inv: the chunk's).
+// Store-E backward, one chunk of t classes from c0 (w_inv and w: the chunk's): b[i * ld_b + c] =
+// bf16(stored_grad(stored[i * ld_stored + c0 + c], row_scale[i], c0 + c == label_col[i], gt[i], w_inv[c])), or,
+// on a row with lost_row set, bf16(recompute_grad(x^_i . w_c, w_inv[c], ..., lse2[i], gs[i], gt[i], shift)) from
+// the logits recomputed on CUDA cores (x^: n x d, w: t x d, bf16 rows).
 bool launch_fused_stored_grad(const void* stored, int64_t ld_stored, int64_t c0, int64_t t, int64_t n,
                               const float* row_scale, const float* label_col, const float* gt, const float* w_inv,
-                              void* b, int64_t ld_b, cudaStream_t stream);
+                              const int32_t* lost_row, const void* x_hat, const void* w, int64_t d,
+                              const float* lse2, const float* gs, const fused::ShiftParams& shift, void* b,
+                              int64_t ld_b, cudaStream_t stream);
 
 // Per class c of a chunk: r = sum_m r_partial[m * t_pad + c] over the row tiles in order (float64), then
 // beta[c] = projection_coefficient(r, w_inv[c]). One thread per class.

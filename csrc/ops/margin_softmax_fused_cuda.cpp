@@ -13,7 +13,9 @@
 //             projection fma(beta_c, w_c, .) in the GEMM's epilogue (no float32 E in memory).
 //   store-E   (backward="store") the forward GEMM also stores E' = bf16(E * w_inv) (N x C); per chunk the
 //             backward builds B from it, then dx^ += B W_chunk and E = B^T x^ (cuBLAS, float32 T x D) and the
-//             chunked path's projection kernel: no logit GEMM in the backward.
+//             chunked path's projection kernel: no logit GEMM in the backward. Rows whose E' the exp2 flush
+//             lost (the forward's true-max rows; fused_margin.h's stored_row_lost) recompute their logits on
+//             CUDA cores instead.
 //
 // Memory beyond inputs, outputs and gradients: n x ceil(C / 256) float32 partials in the forward
 // (16 MiB at n = 1024, C = 1M); per backward chunk n x T bf16 B plus O(T + n) vectors (store-E: plus E',
@@ -109,6 +111,12 @@ std::string fused_unavailable_reason(const at::Tensor& embeddings, const at::Ten
   }
   const int64_t d = weight.size(1);
   if (d % 8 != 0) return "it needs D to be a multiple of 8 (16-byte rows for TMA), got D = " + std::to_string(d);
+  // The store-E, recompute and weight-gradient GEMMs write or read N x C (or N x chunk) bf16 matrices through
+  // TMA, and CUTLASS's can_implement asks their contiguous extent, the class count, for 16-byte rows.
+  if (weight.size(0) % 8 != 0) {
+    return "it needs the weight (shard) to have a multiple of 8 classes (16-byte rows for TMA), got " +
+           std::to_string(weight.size(0)) + ": use backend='chunked' for this class count";
+  }
   if (!weight.is_contiguous()) return "it needs a contiguous weight (TMA reads rows of D elements)";
   if (reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 != 0) return "it needs a 16-byte aligned weight";
   if (weight.size(0) >= kMaxClassesPerShard) {
@@ -196,11 +204,13 @@ std::tuple<at::Tensor, at::Tensor> fused_backward(const at::Tensor& grad_lse, co
   const bool store_mode = stored.defined();
   at::Tensor lse2 = new_buffer({n}, f32), gs = new_buffer({n}, f32), gt = new_buffer({n}, f32);
   at::Tensor row_scale = store_mode ? new_buffer({n}, f32) : at::Tensor();
+  at::Tensor lost_row = store_mode ? new_buffer({n}, embeddings.options().dtype(at::kInt)) : at::Tensor();
   check_kernel(cuda::launch_fused_row_grads(rows.target_cos.data_ptr<float>(), rows.label_col.data_ptr<float>(),
                                             grad_lse.data_ptr<float>(), grad_target.data_ptr<float>(),
-                                            lse.data_ptr<float>(), n, args.margin, lse2.data_ptr<float>(),
+                                            lse.data_ptr<float>(), n, c_local, args.margin, lse2.data_ptr<float>(),
                                             gs.data_ptr<float>(), gt.data_ptr<float>(),
-                                            store_mode ? row_scale.data_ptr<float>() : nullptr, stream),
+                                            store_mode ? row_scale.data_ptr<float>() : nullptr,
+                                            store_mode ? lost_row.data_ptr<int32_t>() : nullptr, stream),
                "row gradients");
   if (store_mode) {
     TORCH_CHECK_VALUE(stored.dim() == 2 && stored.size(0) == n && stored.size(1) == c_local &&
@@ -231,13 +241,15 @@ std::tuple<at::Tensor, at::Tensor> fused_backward(const at::Tensor& grad_lse, co
     at::Tensor e_rows = need_grad_weight ? new_buffer({t_max, d}, f32) : at::Tensor();
     for (int64_t c0 = 0; c0 < c_local; c0 += t_max) {
       const int64_t t = std::min(t_max, c_local - c0);
+      const at::Tensor w_chunk = weight.narrow(0, c0, t);
       check_kernel(cuda::launch_fused_stored_grad(stored.data_ptr(), stored.stride(0), c0, t, n,
                                                   row_scale.data_ptr<float>(), rows.label_col.data_ptr<float>(),
-                                                  gt.data_ptr<float>(), w_inv.data_ptr<float>() + c0, b.data_ptr(),
-                                                  ld, stream),
+                                                  gt.data_ptr<float>(), w_inv.data_ptr<float>() + c0,
+                                                  lost_row.data_ptr<int32_t>(), rows.xn.x_hat.data_ptr(),
+                                                  w_chunk.data_ptr(), d, lse2.data_ptr<float>(), gs.data_ptr<float>(),
+                                                  fused::make_shift_params(args.margin), b.data_ptr(), ld, stream),
                    "stored gradient");
       const at::Tensor b_chunk = b.as_strided({n, t}, {ld, 1});
-      const at::Tensor w_chunk = weight.narrow(0, c0, t);
       if (need_grad_embeddings) {
         mm_into(grad_x_hat_part, b_chunk, w_chunk);
         grad_x_hat.add_(grad_x_hat_part);

@@ -3,7 +3,8 @@
 //   * the fixed shift: a row's sum of shifted_exp plus the float64 target term gives the float64 lse,
 //     for every margin setting, with inter-class filtering, over a sweep of row offsets; where the
 //     float32 sum would lose the row (device fast math flushes exp2 below 2^-126), needs_true_max says so,
-//     and where it says not, the lse is accurate;
+//     and where it says not, the lse is accurate; the store-E backward's stored_row_lost flags every such
+//     row, and the rows it reads from E' lose under 2^-24 of their probability to the flush;
 //   * target masking: the target column contributes 0 to the sum and the row's margin logit is exact
 //     even when p_t -> 1;
 //   * recompute_grad against the unfused epilogue's gradient (margin_epilogue.h, float64);
@@ -95,8 +96,9 @@ void test_fixed_shift_lse() {
   for (const Setting& st : kSettings) {
     for (double scale : {16.0, 64.0}) {
       const MarginParams<double> p = params(st, scale);
-      double worst = 0;
-      int kept = 0, flagged = 0;
+      const fz::ShiftParams q = fz::make_shift_params(p);
+      double worst = 0, worst_flushed = 0;
+      int kept = 0, flagged = 0, lost_missed = 0;
       // Offsets move every cosine of the row down together, through the range where float32 underflows.
       for (double offset : {0.6, 0.2, 0.0, -0.1, -0.3, -0.5, -0.7}) {
         for (int trial = 0; trial < 20; ++trial) {
@@ -110,12 +112,25 @@ void test_fixed_shift_lse() {
           }
           const int target = static_cast<int>(rng() % (classes + 1)) - 1;  // -1: not in this shard
           const FusedRow row = fused_row(raw, w_inv, target, p);
+          const double want = reference_lse(cos, target, p);
+          // Store-E: the backward recomputes every row the forward took the true max for, and on the rows it
+          // reads from E', the elements the flush zeroed carry a negligible share of the probability.
+          const bool lost = fz::stored_row_lost(want, p.scale, classes);
+          if (row.true_max && !lost) ++lost_missed;
+          if (!lost) {
+            double flushed = 0;
+            for (int c = 0; c < classes; ++c) {
+              if (c != target && device_shifted_exp(raw[c], w_inv[c], false, q) == 0.f) {
+                flushed += std::exp(oclear::epilogue_logit(cos[c], 1.0, false, p, p) - want);
+              }
+            }
+            worst_flushed = std::max(worst_flushed, flushed);
+          }
           if (row.true_max) {
             ++flagged;
             continue;
           }
           ++kept;
-          const double want = reference_lse(cos, target, p);
           worst = std::max(worst, std::fabs(row.lse - want) / std::max(1.0, std::fabs(want)));
         }
       }
@@ -123,6 +138,9 @@ void test_fixed_shift_lse() {
       CHECK_MSG(worst < 2e-6, "fixed-shift lse error " << worst << " scale " << scale << " m=(" << st.m1 << ","
                                                         << st.m2 << "," << st.m3 << ")");
       CHECK_MSG(kept > 0, "no row kept the fixed shift at scale " << scale);
+      CHECK_MSG(lost_missed == 0, lost_missed << " true-max rows not flagged by stored_row_lost at scale " << scale);
+      CHECK_MSG(worst_flushed < 0x1p-24, "store-E reads a row whose flushed elements hold " << worst_flushed
+                                                                                       << " of its probability");
       if (scale == 64.0 && st.m3 == 0.0 && !st.has_filter && st.m2 == 0.0 && st.m1 == 1.0) {
         CHECK_MSG(flagged > 0, "no row needed a true max at scale 64 with offsets down to -0.7");
       }
@@ -146,6 +164,9 @@ void test_true_max_threshold() {
   CHECK_MSG(fz::needs_true_max(std::nan(""), 10), "NaN total");
   CHECK_MSG(!fz::needs_true_max(1e-20, 1 << 22), "1e-20 over 4M classes is well above 4M * 2^-102");
   CHECK_MSG(fz::needs_true_max(1e-26, 1 << 22), "1e-26 over 4M classes is below 4M * 2^-102");
+  CHECK_MSG(fz::stored_row_lost(std::nan(""), 64.0, 10), "NaN lse: recomputed");
+  CHECK_MSG(fz::stored_row_lost(64.0 + std::log(0x1p-101 * 1000) - 1e-9, 64.0, 1000), "just under the bound");
+  CHECK_MSG(!fz::stored_row_lost(64.0 + std::log(0x1p-101 * 1000) + 1e-9, 64.0, 1000), "just over the bound");
 }
 
 void test_target_masking() {

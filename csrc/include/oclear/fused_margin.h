@@ -111,6 +111,18 @@ OCLEAR_HD float stored_grad(float stored, float a, bool is_target, float gt, flo
 // a_i of stored_grad, in float64 then rounded: exp(s - lse) can be large (lse < s when every cosine is below 1).
 OCLEAR_HD float stored_row_scale(double g, double lse, double scale) { return static_cast<float>(g * scale * exp(scale - lse)); }
 
+// Whether the store-E backward must recompute a row's logits rather than read its E'. E' keeps the forward's
+// float32 exp2 values, flushed to 0 below 2^-126, and a_i = g s exp(s - lse) scales each: the flushed elements
+// carry at most classes * 2^-126 * exp(s - lse) of the row's probability, under float32's 2^-24 while
+// exp(lse - s) >= classes * 2^-102, the forward's needs_true_max bound on the same total. A row the forward
+// took the true max for had a fixed-shift total below classes * 2^-102 and a true total at most
+// classes * 2^-126 above that, so twice the bound flags every such row (and a few more, which only cost a
+// recompute). NaN: flagged (the recompute keeps it NaN). Written with stored_row_scale's exp(scale - lse), which
+// the compiler then evaluates once for both (inf, where lse is far below s, flags the row too).
+OCLEAR_HD bool stored_row_lost(double lse, double scale, int64_t classes) {
+  return !(exp(scale - lse) * (static_cast<double>(classes) * 0x1p-101) <= 1.0);
+}
+
 // The target's logit z_t = s * psi(cos_t) and its forward term exp(z_t - s), in float64.
 struct TargetTerms {
   double logit;

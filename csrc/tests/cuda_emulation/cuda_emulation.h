@@ -8,6 +8,10 @@
 // build with -fsanitize=thread reports two CUDA threads of one block touching one word without a
 // barrier between them (blocks run one after another, so races between blocks cannot show). What this
 // cannot show: speed, hardware faults, the hardware's own instruction ordering.
+//
+// Shared memory: `__shared__` expands to nothing, which suits `extern __shared__` arrays (the test defines
+// the array itself). A test of kernels with static `__shared__` arrays redefines it as `static` before
+// including them: one array per kernel, shared by the threads of the one block that runs at a time.
 #pragma once
 
 #include <cassert>
@@ -70,30 +74,42 @@ struct Block {
 };
 
 inline thread_local Index thread_idx, block_idx;
+inline Index grid_dim;  // set by launch before any thread starts, read-only while they run
 inline Block* current_block = nullptr;
 
-// Runs kernel() for every thread of `grid` blocks of `threads` threads (a multiple of 32), block by block;
-// before_block(b) and after_block(b), when given, run on the calling thread around block b (the test
-// poisons and checks shared memory there).
+// Runs kernel() for every thread of a grid.x x grid.y grid of blocks of `threads` threads (a multiple of 32),
+// block by block (x fastest); before_block(b) and after_block(b), when given, run on the calling thread around
+// block b = y * grid.x + x (the tests poison and check shared memory there).
+inline void launch(Index grid, unsigned threads, const std::function<void()>& kernel,
+                   const std::function<void(unsigned)>& before_block = {},
+                   const std::function<void(unsigned)>& after_block = {}) {
+  grid_dim = {grid.x, grid.y, 1};
+  for (unsigned by = 0; by < grid.y; ++by) {
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+      const unsigned b = by * grid.x + bx;
+      if (before_block) before_block(b);
+      Block block(static_cast<int>(threads));
+      current_block = &block;
+      std::vector<std::thread> pool;
+      for (unsigned t = 0; t < threads; ++t) {
+        pool.emplace_back([&, bx, by, t] {
+          thread_idx.x = t;
+          block_idx.x = bx;
+          block_idx.y = by;
+          kernel();
+        });
+      }
+      for (auto& th : pool) th.join();
+      current_block = nullptr;
+      if (after_block) after_block(b);
+    }
+  }
+}
+
 inline void launch(unsigned grid, unsigned threads, const std::function<void()>& kernel,
                    const std::function<void(unsigned)>& before_block = {},
                    const std::function<void(unsigned)>& after_block = {}) {
-  for (unsigned b = 0; b < grid; ++b) {
-    if (before_block) before_block(b);
-    Block block(static_cast<int>(threads));
-    current_block = &block;
-    std::vector<std::thread> pool;
-    for (unsigned t = 0; t < threads; ++t) {
-      pool.emplace_back([&, b, t] {
-        thread_idx.x = t;
-        block_idx.x = b;
-        kernel();
-      });
-    }
-    for (auto& th : pool) th.join();
-    current_block = nullptr;
-    if (after_block) after_block(b);
-  }
+  launch(Index{grid, 1, 1}, threads, kernel, before_block, after_block);
 }
 
 inline Barrier& warp_barrier() { return *current_block->warps[thread_idx.x / 32]; }
@@ -102,6 +118,7 @@ inline Barrier& warp_barrier() { return *current_block->warps[thread_idx.x / 32]
 
 #define threadIdx (::cuda_emulation::thread_idx)
 #define blockIdx (::cuda_emulation::block_idx)
+#define gridDim (::cuda_emulation::grid_dim)
 
 inline void __syncthreads() { cuda_emulation::current_block->block.wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { cuda_emulation::warp_barrier().wait(); }
