@@ -4,7 +4,9 @@
 #     kernels csrc/cuda_sm90/*.cu for sm_90a, with -Xptxas -v; a kernel that does not compile fails
 #     here. The full log (registers, spills, shared memory per kernel) is kept, .ci/ptxas_report.py
 #     fails on spills outside the allow-list below and on serialised wgmma, and .ci/check_wgmma.py on a
-#     CUTLASS kernel without wgmma in its PTX. Needs the nvidia-cutlass package (its headers).
+#     CUTLASS kernel without wgmma in its PTX. csrc/tests/gate_sm90_shapes.cu, linked with the sm_90a
+#     object, asks CUTLASS's can_implement (host code) about every shape the fused backend promises.
+#     Needs the nvidia-cutlass package (its headers).
 #  2. The CUDA sections of the torch glue (csrc/ops/*.cpp that mention OCLEAR_WITH_CUDA) are
 #     compiled (not linked) with -DOCLEAR_WITH_CUDA against the installed torch's headers (a CPU
 #     wheel lacks c10/cuda's generated cmake-macros header: C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips
@@ -34,7 +36,7 @@ command -v ninja > /dev/null && generator=(-G Ninja)
 
 log="$LOG_DIR/cuda_gate_build.log"
 if ! { cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DOCLEAR_CUDA_GATE=ON &&
-       cmake --build "$build" --target oclear_cuda_gate oclear_cuda_gate_sm90 --parallel "${CMAKE_BUILD_PARALLEL_LEVEL:-2}" -v; } > "$log" 2>&1; then
+       cmake --build "$build" --target oclear_cuda_gate oclear_cuda_gate_sm90 gate_sm90_shapes --parallel "${CMAKE_BUILD_PARALLEL_LEVEL:-2}" -v; } > "$log" 2>&1; then
   tail -n 60 "$log" >&2
   echo "cuda gate: FAILED to compile the CUDA kernels (full log: $log)" >&2
   exit 1
@@ -48,6 +50,13 @@ python .ci/ptxas_report.py "$log" --allow-spills "$allow" | tee "$LOG_DIR/cuda_g
 # The fused sm_90a GEMMs: every CUTLASS kernel entry in the kept PTX must issue wgmma (a build for plain
 # sm_90, or a lost arch guard, compiles them to empty bodies that would still pass ptxas).
 python .ci/check_wgmma.py "$build/sm90_ptx" | tee "$LOG_DIR/cuda_gate_wgmma.txt"
+# CUTLASS's can_implement on every shape the fused backend promises (and on the ones the glue refuses by name).
+if ! "$build/gate_sm90_shapes" > "$LOG_DIR/cuda_gate_sm90_shapes.txt" 2>&1; then
+  cat "$LOG_DIR/cuda_gate_sm90_shapes.txt" >&2
+  echo "cuda gate: a CUTLASS GEMM refuses a shape the fused backend promises (csrc/tests/gate_sm90_shapes.cu)" >&2
+  exit 1
+fi
+echo "cuda gate: sm_90a shapes: $(tail -n 1 "$LOG_DIR/cuda_gate_sm90_shapes.txt")"
 
 torch_includes=$(python -c "from torch.utils.cpp_extension import include_paths; print(' '.join(include_paths()))")
 # nvcc may be a wrapper script: ask it where its toolkit lives.

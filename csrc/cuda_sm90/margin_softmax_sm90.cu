@@ -330,6 +330,32 @@ typename WeightGemm::Arguments weight_arguments(int64_t t, int64_t n, int64_t d,
 
 bool kernels_built() { return true; }
 
+const char* refusing_gemm(int64_t n, int64_t classes, int64_t d) {
+  constexpr auto ok = cutlass::Status::kSuccess;
+  const int64_t ld = (classes + 7) / 8 * 8;
+  if (ForwardGemm::can_implement(forward_arguments(n, classes, d, nullptr, nullptr, nullptr, nullptr, nullptr, {},
+                                                   nullptr)) != ok) {
+    return "forward";
+  }
+  if (ForwardStoreGemm::can_implement(forward_store_arguments(n, classes, d, nullptr, nullptr, nullptr, nullptr,
+                                                              nullptr, {}, nullptr, nullptr, ld)) != ok) {
+    return "forward (store-E)";
+  }
+  if (ClassMaxGemm::can_implement(class_max_arguments(n, classes, d, nullptr, nullptr, nullptr)) != ok) {
+    return "class max";
+  }
+  for (const int64_t t : {classes < kTileClasses ? classes : kTileClasses, classes}) {
+    if (RecomputeGemm::can_implement(recompute_arguments(n, t, d, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                                         nullptr, nullptr, {}, nullptr, ld, nullptr)) != ok) {
+      return "backward recompute";
+    }
+    if (WeightGemm::can_implement(weight_arguments(t, n, d, nullptr, ld, nullptr, nullptr, nullptr, nullptr)) != ok) {
+      return "weight gradient";
+    }
+  }
+  return "";
+}
+
 size_t forward_workspace_size(int64_t n, int64_t classes, int64_t d) {
   return ForwardGemm::get_workspace_size(
       forward_arguments(n, classes, d, nullptr, nullptr, nullptr, nullptr, nullptr, {}, nullptr));
@@ -400,6 +426,7 @@ int launch_weight_grad(int64_t t, int64_t n, int64_t d, const void* ds, int64_t 
 
 namespace oclear::sm90 {
 bool kernels_built() { return false; }
+const char* refusing_gemm(int64_t, int64_t, int64_t) { return "all"; }
 size_t forward_workspace_size(int64_t, int64_t, int64_t) { return 0; }
 int launch_forward(int64_t, int64_t, int64_t, const void*, const void*, const float*, const float*, const float*,
                    const ShiftArgs&, float*, void*, cudaStream_t) { return -1; }

@@ -123,6 +123,14 @@ std::string fused_unavailable_reason(const at::Tensor& embeddings, const at::Ten
     return "it handles fewer than 2^24 classes per weight shard, got " + std::to_string(weight.size(0));
   }
   if (embeddings.size(0) > INT32_MAX) return "it handles at most 2^31 - 1 rows";
+  // CUTLASS's own verdict on the arguments, for anything the checks above do not name (no GEMM runs without
+  // rows or classes).
+  const std::string gemm =
+      embeddings.size(0) > 0 && weight.size(0) > 0 ? sm90::refusing_gemm(embeddings.size(0), weight.size(0), d) : "";
+  if (!gemm.empty()) {
+    return "CUTLASS's " + gemm + " GEMM cannot take N = " + std::to_string(embeddings.size(0)) + ", C = " +
+           std::to_string(weight.size(0)) + ", D = " + std::to_string(d);
+  }
   return "";
 }
 
