@@ -3,7 +3,7 @@ root) through CMake + CTest, so `pytest` also covers the header-only math in csr
 
 A missing `cmake` fails the test. The tests link no torch and build in a few seconds; the emulated
 tensor-core attention test and its ThreadSanitizer build take ~35 s to run on two cores, the emulated fused
-margin-softmax kernels ~12 s.
+margin-softmax kernels and theirs ~25 s.
 """
 
 from __future__ import annotations
@@ -51,5 +51,6 @@ def test_cpp_unit_tests_pass(tmp_path: Path) -> None:
     assert int(summary.group(3)) >= 1, "CTest ran no tests (csrc/tests/*.cpp not found?)"
     # The race check of the tensor-core attention kernels (CMakeLists.txt, OCLEAR_TSAN_TEST) must have run.
     assert re.search(r"test_concept_attention_tc_emulated_tsan \.+\s+Passed", out), "the ThreadSanitizer test did not pass"
-    # The fused margin softmax's per-row kernels under the CUDA emulation (CMakeLists.txt) must have run.
+    # The fused margin softmax's per-row kernels under the CUDA emulation (CMakeLists.txt), and their race check.
     assert re.search(r"test_margin_softmax_fused_emulated \.+\s+Passed", out), "the emulated fused kernels did not pass"
+    assert re.search(r"test_margin_softmax_fused_emulated_tsan \.+\s+Passed", out), "their ThreadSanitizer test did not pass"
