@@ -43,14 +43,17 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize("margin", sorted(MARGINS))
-@pytest.mark.parametrize("n, c, d", [(1, 304, 64), (200, 1000, 128), (1024, 70_000, 512)])
+@pytest.mark.parametrize("n, c, d", [(1, 300, 64), (200, 1000, 128), (5, 7, 64), (1024, 70_000, 512)])
 def test_matches_chunked_path_and_float64(margin, n, c, d):
     x, w, labels = inputs(n, c, d, ignore_every=13 if n > 1 else 0)
     kwargs = dict(scale=64.0, margin=MARGINS[margin])
     fused = loss_and_grads(x, w, labels, backend="cutlass_sm90", **kwargs)
     chunked = loss_and_grads(x, w, labels, backend="chunked", **kwargs)
     want = loss_and_grads(x.double(), w.double(), labels, **kwargs)
-    assert abs(fused[0] - want[0]) <= 1e-4 * abs(want[0]) + 1e-6
+    # Both paths use the same bf16 x^ (its rounding dominates the error at n = 1): the loss agrees with the
+    # chunked path's, and its error against float64 stays within twice the chunked one.
+    assert abs(fused[0] - chunked[0]) <= 1e-4 * abs(chunked[0]) + 1e-5
+    assert abs(fused[0] - want[0]) <= 2 * abs(chunked[0] - want[0]) + 1e-4 * abs(want[0]) + 1e-6
     for got, base, ref in zip(fused[1:], chunked[1:], want[1:]):
         # Both paths round B to bf16 before the gradient GEMMs: the fused error stays within twice the chunked one.
         assert rel(got, ref) <= 2 * rel(base, ref) + 1e-3
@@ -79,21 +82,24 @@ def test_chunk_edges_and_determinism(class_chunk):
 
 def test_underflowing_rows_take_the_true_max():
     d, c = 64, 3000
-    direction = torch.randn(d)
-    w = (-direction[None, :] + 0.2 * torch.randn(c, d)).cuda().bfloat16()
-    x = torch.cat([direction[None, :].expand(4, d), torch.randn(4, d)]).cuda().bfloat16()
+    g = torch.Generator().manual_seed(8)
+    direction = torch.randn(d, generator=g)
+    w = (-direction[None, :] + 0.2 * torch.randn(c, d, generator=g)).cuda().bfloat16()
+    x = torch.cat([direction[None, :].expand(4, d), torch.randn(4, d, generator=g)]).cuda().bfloat16()
     labels = torch.full((8,), -100, device="cuda")
     forward = torch.ops.oclear.margin_softmax_forward
     lse, _, _ = forward(x, w, labels, 0, c, 64.0, 1.0, 0.0, 0.4, None, -100, False, 0, True, "cutlass_sm90")
-    want, _, _ = forward(x.double(), w.double(), labels, 0, c, 64.0, 1.0, 0.0, 0.4, None, -100, False, 0, True, "auto")
+    # The chunked path (a running max, the same bf16 x^) as the reference: against float64 on exactly normalised
+    # rows, the bf16 x^ alone moves lse by up to ~0.03 at s = 64.
+    want, _, _ = forward(x, w, labels, 0, c, 64.0, 1.0, 0.0, 0.4, None, -100, False, 0, True, "chunked")
     assert torch.isfinite(lse).all()
-    assert torch.allclose(lse.double(), want, rtol=1e-3, atol=0)
+    assert torch.allclose(lse, want, rtol=1e-5, atol=1e-4)
 
 
 def test_class_shards_match_the_chunked_op():
     x, w, labels = inputs(257, 3000, 128, seed=3)
     forward = torch.ops.oclear.margin_softmax_forward
-    for start, stop in ((0, 1112), (1112, 3000)):
+    for start, stop in ((0, 1111), (1111, 3000)):
         args = (x, w[start:stop], labels, start, 3000, 64.0, 1.0, 0.5, 0.0, None, -100, False, 0, True)
         lse_f, target_f, _ = forward(*args, "cutlass_sm90")
         lse_c, target_c, _ = forward(*args, "chunked")
@@ -102,28 +108,30 @@ def test_class_shards_match_the_chunked_op():
 
 
 def test_unsupported_calls_say_why():
-    x, w, labels = inputs(8, 104, 64)
+    x, w, labels = inputs(8, 100, 64)
     with pytest.raises(ValueError, match="bfloat16"):
         oclear_ext.margin_softmax_loss(x.half(), w.half(), labels, backend="cutlass_sm90")
     with pytest.raises(ValueError, match="multiple of 8"):
         oclear_ext.margin_softmax_loss(x[:, :60], w[:, :60], labels, backend="cutlass_sm90")
     with pytest.raises(ValueError, match="contiguous"):
         oclear_ext.margin_softmax_loss(x, w.t().contiguous().t(), labels, backend="cutlass_sm90")
-    with pytest.raises(ValueError, match="multiple of 8 classes"):
-        oclear_ext.margin_softmax_loss(x, w[:100], labels % 100, backend="cutlass_sm90")
 
 
 def test_reference_agrees_on_a_plain_normalised_softmax():
     # margin (1, 0, 0): the margin-free softmax the peers compute (benchmarks compare on it).
     x, w, labels = inputs(512, 20_000, 256, seed=4)
     got = loss_and_grads(x, w, labels, scale=64.0, margin=(1.0, 0.0, 0.0), backend="cutlass_sm90")
+    chunked = loss_and_grads(x, w, labels, scale=64.0, margin=(1.0, 0.0, 0.0), backend="chunked")
     want = reference.margin_softmax_loss(x.double(), w.double(), labels, scale=64.0, margin=(1.0, 0.0, 0.0))
-    assert abs(got[0] - want) <= 1e-4 * abs(want)
+    # A small loss (about 0.1): the bf16 x^ both paths use is most of the error against float64.
+    assert abs(got[0] - chunked[0]) <= 1e-4 * abs(chunked[0]) + 1e-6
+    assert abs(got[0] - want) <= 2 * abs(chunked[0] - want) + 1e-4 * abs(want)
 
 
 @pytest.mark.parametrize("margin", ["cosface", "arcface"])
 def test_store_mode_matches_recompute(margin):
-    x, w, labels = inputs(300, 5000, 128, seed=5, ignore_every=11)
+    # 5003 classes: the store-E forward's GEMM takes 5000, a CUDA-core kernel the last 3 (as recompute mode's).
+    x, w, labels = inputs(300, 5003, 128, seed=5, ignore_every=11)
     kwargs = dict(scale=64.0, margin=MARGINS[margin], backend="cutlass_sm90")
     stored = loss_and_grads(x, w, labels, backward="store", **kwargs)
     recomputed = loss_and_grads(x, w, labels, **kwargs)

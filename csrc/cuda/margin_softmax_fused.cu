@@ -30,6 +30,13 @@ __device__ float warp_dot(const __nv_bfloat16* __restrict__ x, const __nv_bfloat
   return acc;
 }
 
+// x . w over d bfloat16 elements by one thread, in order: the CUDA-core logits of the rare and tail paths.
+__device__ float thread_dot(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, int64_t d) {
+  float acc = 0.f;
+  for (int64_t k = 0; k < d; ++k) acc = fmaf(__bfloat162float(x[k]), __bfloat162float(w[k]), acc);
+  return acc;
+}
+
 // The row's label as a column of this shard, or -1 (another shard's class, or ignore_index).
 __device__ int64_t local_label(const int64_t* labels, int64_t i, int64_t class_start, int64_t classes,
                                int64_t ignore_index) {
@@ -132,8 +139,9 @@ __global__ void __launch_bounds__(kThreads) row_grads_kernel(const float* __rest
 }
 
 // One thread per element of the chunk; threads of a block run along the classes of one row (coalesced). A row
-// whose E' the flush lost (lost_row, uniform across the block) recomputes its logits instead, one dot product
-// per thread: a rare path (stored_row_lost), correct rather than fast.
+// whose E' the flush lost (lost_row, uniform across the block), or every row when stored is null (recompute
+// mode's last classes, fewer than 8, that its GEMMs cannot take), recomputes its logits instead, one dot
+// product per thread: correct rather than fast, for a rare row or a handful of classes.
 __global__ void __launch_bounds__(kThreads) stored_grad_kernel(const __nv_bfloat16* __restrict__ stored,
                                                                int64_t ld_stored, int64_t c0, int64_t t, int64_t n,
                                                                const float* __restrict__ row_scale,
@@ -147,22 +155,39 @@ __global__ void __launch_bounds__(kThreads) stored_grad_kernel(const __nv_bfloat
                                                                const float* __restrict__ gs, fused::ShiftParams shift,
                                                                __nv_bfloat16* __restrict__ b, int64_t ld_b) {
   for (int64_t i = blockIdx.y; i < n; i += gridDim.y) {
-    const float a = row_scale[i], g = gt[i], y = label_col[i];
-    const bool lost = lost_row[i] != 0;
+    const bool recompute = stored == nullptr || lost_row[i] != 0;
+    const float a = recompute ? 0.f : row_scale[i], g = gt[i], y = label_col[i];
     for (int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x; c < t; c += int64_t(gridDim.x) * kThreads) {
       const bool is_target = static_cast<float>(c0 + c) == y;
-      float grad;
-      if (lost) {
-        float raw = 0.f;
-        for (int64_t k = 0; k < d; ++k) {
-          raw = fmaf(__bfloat162float(x_hat[i * d + k]), __bfloat162float(w[c * d + k]), raw);
-        }
-        grad = fused::recompute_grad(raw, w_inv[c], is_target, lse2[i], gs[i], g, shift);
-      } else {
-        grad = fused::stored_grad(__bfloat162float(stored[i * ld_stored + c0 + c]), a, is_target, g, w_inv[c]);
-      }
+      const float grad =
+          recompute ? fused::recompute_grad(thread_dot(x_hat + i * d, w + c * d, d), w_inv[c], is_target, lse2[i], gs[i],
+                                            g, shift)
+                    : fused::stored_grad(__bfloat162float(stored[i * ld_stored + c0 + c]), a, is_target, g, w_inv[c]);
       b[i * ld_b + c] = __float2bfloat16_rn(grad);
     }
+  }
+}
+
+// Store-E forward, the shard's last `tail` (< 8) classes from c_tail, which its GEMM cannot take: one thread per
+// row, classes in order, writes their E' and adds the sum of their shifted_exp to the row's partial of the
+// class tile they fall in (partial_tile: that tile's column of partials), onto the GEMM's partial when the
+// GEMM covered part of the tile (accumulate), else as the tile's only term.
+__global__ void __launch_bounds__(kThreads) store_tail_kernel(const __nv_bfloat16* __restrict__ x_hat,
+                                                              const __nv_bfloat16* __restrict__ w,
+                                                              const float* __restrict__ w_inv,
+                                                              const float* __restrict__ label_col, int64_t n, int64_t d,
+                                                              int64_t c_tail, int64_t tail, fused::ShiftParams shift,
+                                                              float* __restrict__ partial_tile, bool accumulate,
+                                                              __nv_bfloat16* __restrict__ stored, int64_t ld_stored) {
+  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < n; i += int64_t(gridDim.x) * kThreads) {
+    float sum = 0.f;
+    for (int64_t c = c_tail; c < c_tail + tail; ++c) {
+      const float raw = thread_dot(x_hat + i * d, w + c * d, d);
+      const float e = fused::shifted_exp(raw, w_inv[c], static_cast<float>(c) == label_col[i], shift);
+      stored[i * ld_stored + c] = __float2bfloat16_rn(fused::stored_exp(e, raw, w_inv[c], shift));
+      sum += e;
+    }
+    partial_tile[i] = (accumulate ? partial_tile[i] : 0.f) + sum;
   }
 }
 
@@ -233,6 +258,17 @@ bool launch_fused_stored_grad(const void* stored, int64_t ld_stored, int64_t c0,
       static_cast<const __nv_bfloat16*>(stored), ld_stored, c0, t, n, row_scale, label_col, gt, w_inv, lost_row,
       static_cast<const __nv_bfloat16*>(x_hat), static_cast<const __nv_bfloat16*>(w), d, lse2, gs, shift,
       static_cast<__nv_bfloat16*>(b), ld_b);
+  return launched();
+}
+
+bool launch_fused_store_tail(const void* x_hat, const void* w, const float* w_inv, const float* label_col, int64_t n,
+                             int64_t d, int64_t c_tail, int64_t tail, const fused::ShiftParams& shift,
+                             float* partial_tile, bool accumulate, void* stored, int64_t ld_stored,
+                             cudaStream_t stream) {
+  if (n == 0 || tail == 0) return true;
+  store_tail_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
+      static_cast<const __nv_bfloat16*>(x_hat), static_cast<const __nv_bfloat16*>(w), w_inv, label_col, n, d, c_tail,
+      tail, shift, partial_tile, accumulate, static_cast<__nv_bfloat16*>(stored), ld_stored);
   return launched();
 }
 

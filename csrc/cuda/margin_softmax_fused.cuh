@@ -49,12 +49,23 @@ bool launch_fused_row_grads(const float* target_cos, const float* label_col, con
 // Store-E backward, one chunk of t classes from c0 (w_inv and w: the chunk's): b[i * ld_b + c] =
 // bf16(stored_grad(stored[i * ld_stored + c0 + c], row_scale[i], c0 + c == label_col[i], gt[i], w_inv[c])), or,
 // on a row with lost_row set, bf16(recompute_grad(x^_i . w_c, w_inv[c], ..., lse2[i], gs[i], gt[i], shift)) from
-// the logits recomputed on CUDA cores (x^: n x d, w: t x d, bf16 rows).
+// the logits recomputed on CUDA cores (x^: n x d, w: t x d, bf16 rows). With stored null (row_scale and lost_row
+// then unread), every row recomputes: the recompute mode's last classes, fewer than 8, that its GEMMs cannot take.
 bool launch_fused_stored_grad(const void* stored, int64_t ld_stored, int64_t c0, int64_t t, int64_t n,
                               const float* row_scale, const float* label_col, const float* gt, const float* w_inv,
                               const int32_t* lost_row, const void* x_hat, const void* w, int64_t d,
                               const float* lse2, const float* gs, const fused::ShiftParams& shift, void* b,
                               int64_t ld_b, cudaStream_t stream);
+
+// Store-E forward, the shard's last `tail` classes from c_tail (fewer than 8: TMA needs the GEMM's class count to
+// be a multiple of 8), on CUDA cores: stored[i * ld_stored + c] = bf16(stored_exp(shifted_exp(x^_i . w_c, ...)))
+// and partial_tile[i] = (accumulate ? partial_tile[i] : 0) + the row's sum of those shifted_exp, in class order
+// (partial_tile: the column of partials of the class tile holding these classes; w, w_inv, label columns: the
+// shard's).
+bool launch_fused_store_tail(const void* x_hat, const void* w, const float* w_inv, const float* label_col, int64_t n,
+                             int64_t d, int64_t c_tail, int64_t tail, const fused::ShiftParams& shift,
+                             float* partial_tile, bool accumulate, void* stored, int64_t ld_stored,
+                             cudaStream_t stream);
 
 // Per class c of a chunk: r = sum_m r_partial[m * t_pad + c] over the row tiles in order (float64), then
 // beta[c] = projection_coefficient(r, w_inv[c]). One thread per class.

@@ -29,11 +29,12 @@ constexpr int64_t kTileClasses = 256;
 // TORCH_CUDA_ARCH_LIST; plain 9.0 would build CUTLASS's arch-guarded kernels as empty functions).
 bool kernels_built();
 
-// Whether the GEMMs accept a problem of n rows, `classes` classes (one shard) and d features, as CUTLASS's
-// can_implement judges the arguments the glue passes (the extents and strides of every TMA operand): "" when
-// all five do, else the name of the first that refuses. The recompute and weight GEMMs are asked at a
-// whole-tile chunk and at the last chunk (whose size has classes' residue). Host code, no device needed, so
-// CI's gate runs it (csrc/tests/gate_sm90_shapes.cu). A build without the kernels answers "all".
+// Whether the GEMMs accept the calls the glue makes for n rows, a shard of `classes` classes and d features, as
+// CUTLASS's can_implement judges them (the extents and strides of every TMA operand): "" when all five do, else
+// the name of the first that refuses. The forward and class-max GEMMs take every class; the store-E forward and
+// the backward GEMMs the first classes - classes % 8 (the glue sends the rest to CUDA-core kernels), asked at a
+// whole-tile chunk and at the last chunk. Host code, no device needed, so CI's gate runs it
+// (csrc/tests/gate_sm90_shapes.cu). A build without the kernels answers "all".
 const char* refusing_gemm(int64_t n, int64_t classes, int64_t d);
 
 struct ShiftArgs {  // oclear::fused::ShiftParams, repeated so this header needs no other

@@ -47,11 +47,12 @@ inline bool env_flag(const char* name, bool fallback) {
   return std::strcmp(v, "0") != 0;
 }
 
-// A new buffer: uninitialised, or NaN-filled under OCLEAR_CUDA_POISON=1 (debug: an element that no
-// kernel writes then shows up as NaN in the results).
+// A new buffer: uninitialised, or poisoned under OCLEAR_CUDA_POISON=1 (debug: an element that no kernel writes
+// then shows up in the results): NaN in floating buffers, -1 in integer ones (flags and indices).
 inline at::Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   if (env_flag("OCLEAR_CUDA_POISON", false)) {
-    return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), opts);
+    const bool floating = at::isFloatingType(c10::typeMetaToScalarType(opts.dtype()));
+    return at::full(sizes, floating ? std::numeric_limits<double>::quiet_NaN() : -1.0, opts);
   }
   return at::empty(sizes, opts);
 }

@@ -278,6 +278,10 @@ std::tuple<at::Tensor, at::Tensor> backward_stored_cuda(
   check_row_vector(grad_target, n, at::kFloat, "grad_target");
   check_row_vector(lse, n, at::kFloat, "lse");
   check_row_vector(w_inv, weight.size(0), at::kFloat, "weight_inv_norm");
+  for (const at::Tensor* t : {&grad_lse, &grad_target, &lse, &w_inv, &stored}) {
+    TORCH_CHECK_VALUE(t->device() == weight.device(), "margin_softmax_backward_stored: every tensor must be on ",
+                      weight.device(), ", got one on ", t->device());
+  }
   const c10::cuda::CUDAGuard guard(embeddings.device());
   // The labels were checked by the forward that produced `stored`.
   return fused_backward(grad_lse.contiguous(), grad_target.contiguous(), embeddings, weight, labels_in.contiguous(),

@@ -16,6 +16,9 @@
 //             chunked path's projection kernel: no logit GEMM in the backward. Rows whose E' the exp2 flush
 //             lost (the forward's true-max rows; fused_margin.h's stored_row_lost) recompute their logits on
 //             CUDA cores instead.
+//   any C     the store-E forward and the backward GEMMs take the first C - C mod 8 classes (TMA's 16-byte
+//             rows of their N x C bf16 matrices); the last C mod 8 go through CUDA-core kernels (E' and
+//             their partial sums; B from recomputed logits), then the same cuBLAS gradients as store-E.
 //
 // Memory beyond inputs, outputs and gradients: n x ceil(C / 256) float32 partials in the forward
 // (16 MiB at n = 1024, C = 1M); per backward chunk n x T bf16 B plus O(T + n) vectors (store-E: plus E',
@@ -48,6 +51,10 @@ constexpr const char* kOp = "oclear_ext.margin_softmax_loss (backend='cutlass_sm
 constexpr int64_t kMaxClassesPerShard = int64_t(1) << 24;  // class ids travel as exact float32
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Classes of a shard that the store-E forward and the backward GEMMs take: TMA wants their N x C (or N x chunk)
+// bf16 matrices in 16-byte rows, so a multiple of 8; the last C mod 8 go through CUDA-core kernels.
+int64_t gemm_classes(int64_t classes) { return classes / 8 * 8; }
 
 void check_kernel(bool ok, const char* what) { check_launch(ok, kOp, what); }
 
@@ -111,12 +118,6 @@ std::string fused_unavailable_reason(const at::Tensor& embeddings, const at::Ten
   }
   const int64_t d = weight.size(1);
   if (d % 8 != 0) return "it needs D to be a multiple of 8 (16-byte rows for TMA), got D = " + std::to_string(d);
-  // The store-E, recompute and weight-gradient GEMMs write or read N x C (or N x chunk) bf16 matrices through
-  // TMA, and CUTLASS's can_implement asks their contiguous extent, the class count, for 16-byte rows.
-  if (weight.size(0) % 8 != 0) {
-    return "it needs the weight (shard) to have a multiple of 8 classes (16-byte rows for TMA), got " +
-           std::to_string(weight.size(0)) + ": use backend='chunked' for this class count";
-  }
   if (!weight.is_contiguous()) return "it needs a contiguous weight (TMA reads rows of D elements)";
   if (reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 != 0) return "it needs a 16-byte aligned weight";
   if (weight.size(0) >= kMaxClassesPerShard) {
@@ -161,19 +162,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward(const at::Tensor& e
                "forward GEMM");
   } else {
     const int64_t ld = round_up(c_local, 8);
-    const double bytes = 2.0 * static_cast<double>(n) * static_cast<double>(ld);
-    size_t free_bytes = 0, total_bytes = 0;
-    C10_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
-    TORCH_CHECK_VALUE(bytes <= static_cast<double>(free_bytes), kOp, "backward='store' keeps N x C bf16 values (",
-                      bytes / (1 << 20), " MiB for N = ", n, ", C = ", c_local, ") but the device has ",
-                      static_cast<double>(free_bytes) / (1 << 20), " MiB free: use backward='recompute'");
-    at::Tensor e = at::empty({n, ld}, embeddings.options());
-    at::Tensor ws = workspace(sm90::forward_store_workspace_size(n, c_local, d), embeddings);
-    check_gemm(sm90::launch_forward_store(n, c_local, d, rows.xn.x_hat.data_ptr(), weight.data_ptr(),
-                                          w_inv.data_ptr<float>(), class_id.data_ptr<float>(),
-                                          rows.label_col.data_ptr<float>(), shift_args(args.margin),
-                                          partial.data_ptr<float>(), e.data_ptr(), ld, ws.data_ptr(), stream),
-               "forward GEMM (store-E)");
+    // Asked of the caching allocator itself (it frees its cached blocks and retries before it gives up), so
+    // memory it holds unused counts as free, which cudaMemGetInfo would not say.
+    at::Tensor e;
+    try {
+      e = at::empty({n, ld}, embeddings.options());
+    } catch (const c10::OutOfMemoryError&) {
+      TORCH_CHECK_VALUE(false, kOp, "backward='store' keeps N x C bf16 values (",
+                        2.0 * static_cast<double>(n) * static_cast<double>(ld) / (1 << 20), " MiB for N = ", n,
+                        ", C = ", c_local, ") but they do not fit in the device's memory: use backward='recompute'");
+    }
+    const int64_t c_gemm = gemm_classes(c_local);
+    if (c_gemm > 0) {
+      at::Tensor ws = workspace(sm90::forward_store_workspace_size(n, c_gemm, d), embeddings);
+      check_gemm(sm90::launch_forward_store(n, c_gemm, d, rows.xn.x_hat.data_ptr(), weight.data_ptr(),
+                                            w_inv.data_ptr<float>(), class_id.data_ptr<float>(),
+                                            rows.label_col.data_ptr<float>(), shift_args(args.margin),
+                                            partial.data_ptr<float>(), e.data_ptr(), ld, ws.data_ptr(), stream),
+                 "forward GEMM (store-E)");
+    }
+    const int64_t tail_tile = (c_local - 1) / sm90::kTileClasses;
+    check_kernel(cuda::launch_fused_store_tail(rows.xn.x_hat.data_ptr(), weight.data_ptr(), w_inv.data_ptr<float>(),
+                                               rows.label_col.data_ptr<float>(), n, d, c_gemm, c_local - c_gemm,
+                                               fused::make_shift_params(args.margin),
+                                               partial.data_ptr<float>() + tail_tile * m_pad,
+                                               c_gemm > tail_tile * sm90::kTileClasses, e.data_ptr(), ld, stream),
+                 "store-E tail classes");
     *stored = e.narrow(1, 0, c_local);
   }
   at::Tensor true_max = new_buffer({n}, embeddings.options().dtype(at::kInt));
@@ -245,35 +259,10 @@ std::tuple<at::Tensor, at::Tensor> fused_backward(const at::Tensor& grad_lse, co
   at::Tensor ws_weight = workspace(sm90::weight_grad_workspace_size(t_max, n, d), embeddings);
   const sm90::ShiftArgs shift = shift_args(args.margin);
   const auto* w_bytes = static_cast<const char*>(weight.data_ptr());
-  if (store_mode) {  // three GEMMs in all: the forward's, and dx^ and E per chunk here
-    at::Tensor e_rows = need_grad_weight ? new_buffer({t_max, d}, f32) : at::Tensor();
-    for (int64_t c0 = 0; c0 < c_local; c0 += t_max) {
-      const int64_t t = std::min(t_max, c_local - c0);
-      const at::Tensor w_chunk = weight.narrow(0, c0, t);
-      check_kernel(cuda::launch_fused_stored_grad(stored.data_ptr(), stored.stride(0), c0, t, n,
-                                                  row_scale.data_ptr<float>(), rows.label_col.data_ptr<float>(),
-                                                  gt.data_ptr<float>(), w_inv.data_ptr<float>() + c0,
-                                                  lost_row.data_ptr<int32_t>(), rows.xn.x_hat.data_ptr(),
-                                                  w_chunk.data_ptr(), d, lse2.data_ptr<float>(), gs.data_ptr<float>(),
-                                                  fused::make_shift_params(args.margin), b.data_ptr(), ld, stream),
-                   "stored gradient");
-      const at::Tensor b_chunk = b.as_strided({n, t}, {ld, 1});
-      if (need_grad_embeddings) {
-        mm_into(grad_x_hat_part, b_chunk, w_chunk);
-        grad_x_hat.add_(grad_x_hat_part);
-      }
-      if (need_grad_weight) {  // E (t x d float32, in L2 at the automatic chunk) and the chunked path's projection
-        at::Tensor e = e_rows.narrow(0, 0, t);
-        mm_into(e, b_chunk.t(), rows.xn.x_hat);
-        check_launch(cuda::launch_project_weight_grad(cuda::Dtype::kBFloat16, e.data_ptr(), w_chunk.data_ptr(), t, d,
-                                                      d, 1, w_inv.data_ptr<float>() + c0, grad_weight[c0].data_ptr(),
-                                                      stream),
-                     kOp, "weight gradient projection");
-      }
-    }
-  }
-  for (int64_t c0 = 0; !store_mode && c0 < c_local; c0 += t_max) {  // recompute: four GEMMs per step
-    const int64_t t = std::min(t_max, c_local - c0);
+  // Recompute mode: four GEMMs per step over the classes its GEMMs take (a multiple of 8).
+  const int64_t c_gemm = store_mode ? 0 : gemm_classes(c_local);
+  for (int64_t c0 = 0; c0 < c_gemm; c0 += t_max) {
+    const int64_t t = std::min(t_max, c_gemm - c0);
     const void* w_chunk = w_bytes + c0 * d * weight.element_size();
     check_gemm(sm90::launch_recompute(n, t, d, rows.xn.x_hat.data_ptr(), w_chunk, w_inv.data_ptr<float>() + c0,
                                       class_id.data_ptr<float>() + c0, rows.label_col.data_ptr<float>(),
@@ -294,6 +283,38 @@ std::tuple<at::Tensor, at::Tensor> fused_backward(const at::Tensor& grad_lse, co
                                           static_cast<char*>(grad_weight.data_ptr()) + c0 * d * weight.element_size(),
                                           ws_weight.data_ptr(), stream),
                  "weight gradient GEMM");
+    }
+  }
+  // Store-E mode (three GEMMs in all: the forward's, and dx^ and E per chunk here), and recompute mode's last
+  // classes (fewer than 8): B from a CUDA-core kernel (from E', or from logits recomputed there), then
+  // dx^ += B W_chunk and E = B^T x^ (cuBLAS, float32 t x d, in L2 at the automatic chunk) with the chunked
+  // path's projection kernel.
+  at::Tensor e_rows = need_grad_weight && c_gemm < c_local ? new_buffer({std::min(t_max, c_local - c_gemm), d}, f32)
+                                                           : at::Tensor();
+  for (int64_t c0 = c_gemm; c0 < c_local; c0 += t_max) {
+    const int64_t t = std::min(t_max, c_local - c0);
+    const at::Tensor w_chunk = weight.narrow(0, c0, t);
+    check_kernel(cuda::launch_fused_stored_grad(store_mode ? stored.data_ptr() : nullptr, store_mode ? stored.stride(0) : 0,
+                                                c0, t, n, store_mode ? row_scale.data_ptr<float>() : nullptr,
+                                                rows.label_col.data_ptr<float>(), gt.data_ptr<float>(),
+                                                w_inv.data_ptr<float>() + c0,
+                                                store_mode ? lost_row.data_ptr<int32_t>() : nullptr,
+                                                rows.xn.x_hat.data_ptr(), w_chunk.data_ptr(), d, lse2.data_ptr<float>(),
+                                                gs.data_ptr<float>(), fused::make_shift_params(args.margin),
+                                                b.data_ptr(), ld, stream),
+                 store_mode ? "stored gradient" : "tail-class gradient");
+    const at::Tensor b_chunk = b.as_strided({n, t}, {ld, 1});
+    if (need_grad_embeddings) {
+      mm_into(grad_x_hat_part, b_chunk, w_chunk);
+      grad_x_hat.add_(grad_x_hat_part);
+    }
+    if (need_grad_weight) {
+      at::Tensor e = e_rows.narrow(0, 0, t);
+      mm_into(e, b_chunk.t(), rows.xn.x_hat);
+      check_launch(cuda::launch_project_weight_grad(cuda::Dtype::kBFloat16, e.data_ptr(), w_chunk.data_ptr(), t, d, d,
+                                                    1, w_inv.data_ptr<float>() + c0, grad_weight[c0].data_ptr(),
+                                                    stream),
+                   kOp, "weight gradient projection");
     }
   }
   if (need_grad_embeddings) {

@@ -1,8 +1,8 @@
 // CUTLASS's can_implement on the fused backend's shapes, without a GPU: built and run by CI's CUDA gate
 // (CMakeLists.txt under OCLEAR_CUDA_GATE, .ci/cuda_gate.sh), linked with the sm_90a kernels' object. Every
-// shape the GPU tests, the sanitizer calls and the benchmark send must be accepted by all five GEMMs
-// (margin_softmax_sm90.cuh's refusing_gemm), and the shapes the glue refuses by name (a class count or D
-// that is not a multiple of 8) must be ones CUTLASS refuses too, so that the glue's message is the true one.
+// shape the GPU tests, the sanitizer calls and the benchmark send, class counts that are not multiples of 8
+// included, must be accepted by the GEMMs the glue runs for it (margin_softmax_sm90.cuh's refusing_gemm); a D
+// that is not a multiple of 8, which the glue refuses by name, must be one CUTLASS refuses too.
 #include <cstdint>
 #include <string>
 
@@ -22,9 +22,9 @@ const Shape kSupported[] = {
     // python_tests/test_margin_softmax_fused_cuda.py
     {1, 304, 64}, {200, 1000, 128}, {1024, 70000, 512}, {300, 2000, 256}, {333, 5000, 128}, {8, 3000, 64},
     {257, 1112, 128}, {257, 1888, 128}, {512, 20000, 256}, {300, 5000, 128}, {64, 1000, 64}, {500, 30000, 256},
-    {8, 104, 64},
+    {8, 104, 64}, {1, 300, 64}, {257, 1111, 128}, {257, 1889, 128}, {200, 5, 64}, {200, 1001, 64},
     // benchmarks/cuda_sanitizer_calls.py
-    {130, 704, 64}, {1, 304, 8}, {257, 1000, 136},
+    {130, 700, 64}, {1, 300, 8}, {1, 3, 8}, {257, 1000, 136},
 };
 
 }  // namespace
@@ -36,10 +36,6 @@ int main() {
     const std::string gemm = refusing_gemm(s.n, s.classes, s.d);
     CHECK_MSG(gemm.empty(), "N = " << s.n << ", C = " << s.classes << ", D = " << s.d << ": the " << gemm
                                     << " GEMM refuses it");
-  }
-  for (const int64_t classes : {300, 1001, 70001}) {  // the glue: "a multiple of 8 classes"
-    const std::string gemm = refusing_gemm(200, classes, 64);
-    CHECK_MSG(!gemm.empty(), "C = " << classes << " is accepted: the glue's class-count rule is stricter than CUTLASS");
   }
   CHECK_MSG(!std::string(refusing_gemm(200, 1000, 60)).empty(), "D = 60 is accepted: the glue's D rule is stricter");
   return unit_check::finish();

@@ -10,6 +10,8 @@
 //     dx^ = B W, against the float64 chain rule;
 //   * backward, store-E mode: B from E' in class chunks (offset c0, padded leading dimension); rows whose E'
 //     the flush lost take recomputed logits, bit-identical to recompute mode's B;
+//   * class counts that are not multiples of 8: the store-E forward's tail kernel (its classes' E' and their
+//     sums onto the GEMM's last partial, or alone in a tile of their own) and recompute mode's tail B;
 //   * the grid-stride loops: grids of one or a few blocks give bit-identical outputs to the launchers' grids.
 // Also built with -fsanitize=thread and run with --quick (CMakeLists.txt): two CUDA threads of a block touching
 // one word without a barrier between them fail it, as compute-sanitizer's racecheck would on a GPU.
@@ -78,7 +80,9 @@ struct Problem {
 Problem make_problem(bool underflow, uint64_t seed) {
   Problem p;
   p.n = underflow ? 8 : 40;
-  p.classes = 600;  // three class tiles: 256, 256, 88
+  // Three class tiles each. Store-E and backward GEMMs take 600 (mixed: the tail's 3 classes share the last
+  // tile with them) or 512 (underflow: the tail's 5 classes are the last tile's only ones).
+  p.classes = underflow ? 517 : 603;
   p.d = 40;
   p.class_start = 1000;
   std::mt19937_64 rng(seed);
@@ -93,7 +97,8 @@ Problem make_problem(bool underflow, uint64_t seed) {
   }
   p.labels.resize(p.n);
   for (int64_t i = 0; i < p.n; ++i) {
-    const int64_t c = static_cast<int64_t>(rng() % p.classes);
+    // Row 0 of the mixed problem is labelled in the tail classes (past the GEMMs' 600).
+    const int64_t drawn = static_cast<int64_t>(rng() % p.classes), c = !underflow && i == 0 ? p.classes - 2 : drawn;
     if (underflow) {  // rows 1 and 2 labelled in the shard: the true max must take their margin logit
       p.labels[i] = i == 1 ? p.class_start + 17 : i == 2 ? p.class_start + c : kIgnore;
     } else if (i % 7 == 3) {
@@ -183,7 +188,14 @@ struct Forward {
   int64_t ld_stored = 0;
 };
 
-Forward run_forward(const Problem& p, const MarginParams<double>& m, bool small_grids) {
+// The first classes - classes % 8 go through the store-E and backward GEMMs, the rest through CUDA-core kernels
+// (the glue's gemm_classes).
+int64_t gemm_classes(int64_t classes) { return classes / 8 * 8; }
+
+// The forward as the glue runs it: store = false, the forward GEMM over every class; store = true, the store-E
+// GEMM over the GEMM classes (partials and E'), then the tail kernel for the rest. `small_grids` launches every
+// kernel with one or a few blocks instead of the launchers' grids.
+Forward run_forward(const Problem& p, const MarginParams<double>& m, bool store, bool small_grids) {
   const int64_t n = p.n, classes = p.classes;
   Forward f;
   f.target_logit.assign(n, -1.f);
@@ -193,16 +205,17 @@ Forward run_forward(const Problem& p, const MarginParams<double>& m, bool small_
     kc::target_kernel(p.x_hat.data(), p.w.data(), p.w_inv.data(), p.labels.data(), n, p.d, p.class_start, classes,
                       kIgnore, m, f.target_logit.data(), f.target_cos.data(), f.target_exp.data());
   });
-  // The forward GEMM (store-E variant: it writes both): per (row, class tile) partial sums, and E'.
+  // The GEMM's epilogue: per (row, class tile) partial sums of the classes it takes, and (store-E) their E'.
   const fz::ShiftParams q = fz::make_shift_params(m);
   const int64_t m_pad = round_up(n, kTileRows), tiles = (classes + kTileClasses - 1) / kTileClasses;
+  const int64_t c_gemm = store ? gemm_classes(classes) : classes;
   f.ld_stored = round_up(classes, 8);
-  std::vector<float> partial(tiles * m_pad, std::nanf(""));  // padded rows stay unread
+  std::vector<float> partial(tiles * m_pad, std::nanf(""));  // what nothing writes stays NaN
   f.stored.assign(n * f.ld_stored, __float2bfloat16(std::nanf("")));
   for (int64_t i = 0; i < n; ++i) {
-    for (int64_t t = 0; t < tiles; ++t) {
+    for (int64_t t = 0; t * kTileClasses < c_gemm; ++t) {
       float sum = 0.f;
-      for (int64_t c = t * kTileClasses; c < std::min(classes, (t + 1) * kTileClasses); ++c) {
+      for (int64_t c = t * kTileClasses; c < std::min(c_gemm, (t + 1) * kTileClasses); ++c) {
         const float raw = raw_dot(p, i, c);
         const float e = device_shifted_exp(raw, p.w_inv[c], static_cast<float>(c) == p.label_col[i], q);
         sum += e;
@@ -210,6 +223,14 @@ Forward run_forward(const Problem& p, const MarginParams<double>& m, bool small_
       }
       partial[t * m_pad + i] = sum;
     }
+  }
+  if (store && c_gemm < classes) {
+    const int64_t tile = (classes - 1) / kTileClasses;
+    cuda_emulation::launch(small_grids ? 1u : grid_of(n, kc::kThreads), kc::kThreads, [&] {
+      kc::store_tail_kernel(p.x_hat.data(), p.w.data(), p.w_inv.data(), p.label_col.data(), n, p.d, c_gemm,
+                            classes - c_gemm, q, partial.data() + tile * m_pad, c_gemm > tile * kTileClasses,
+                            f.stored.data(), f.ld_stored);
+    });
   }
   f.lse.assign(n, std::nanf(""));
   f.true_max.assign(n, -1);
@@ -227,11 +248,12 @@ Forward run_forward(const Problem& p, const MarginParams<double>& m, bool small_
 struct Backward {
   std::vector<float> lse2, gs, gt, row_scale;
   std::vector<int32_t> lost;
-  std::vector<float> b;     // n x classes, the bf16 B widened
-  std::vector<float> beta;  // recompute mode only
+  std::vector<float> b;      // n x classes, the bf16 B widened
+  std::vector<double> beta;  // the projection coefficients (recompute mode's GEMM classes: the kernel's)
 };
 
-// Recompute mode in chunks of `chunk` classes (a multiple of 256), or store-E mode from f.stored.
+// Recompute mode (chunks of `chunk` classes, a multiple of 256, over the GEMM classes, then the tail classes' B
+// from the CUDA-core kernel), or store-E mode from f.stored, as the glue runs them.
 Backward run_backward(const Problem& p, const MarginParams<double>& m, const Forward& f, const std::vector<float>& g,
                       const std::vector<float>& g_target, bool store, int64_t chunk, bool small_grids) {
   const int64_t n = p.n, classes = p.classes, d = p.d;
@@ -248,22 +270,23 @@ Backward run_backward(const Problem& p, const MarginParams<double>& m, const For
                          store ? out.lost.data() : nullptr);
   });
   out.b.assign(n * classes, std::nanf(""));
-  out.beta.assign(classes, std::nanf(""));
+  out.beta.assign(classes, std::nan(""));
   const int64_t ld = round_up(chunk, 8) + 8;  // a padded leading dimension, as round_up(t_max, 8) can be
   std::vector<bf16> b(n * ld);
-  for (int64_t c0 = 0; c0 < classes; c0 += chunk) {
-    const int64_t t = std::min(chunk, classes - c0);
+  const int64_t c_gemm = store ? 0 : gemm_classes(classes);
+  auto run_chunk = [&](int64_t c0, int64_t t) {
     std::fill(b.begin(), b.end(), __float2bfloat16(std::nanf("")));
-    if (store) {
+    if (c0 >= c_gemm) {  // store-E, or recompute mode's tail classes (stored null: every row recomputes)
       const unsigned gx = small_grids ? 1u : grid_of(t, kc::kThreads), gy = small_grids ? 3u : static_cast<unsigned>(n);
       cuda_emulation::launch(cuda_emulation::Index{gx, gy, 1}, kc::kThreads, [&] {
-        kc::stored_grad_kernel(f.stored.data(), f.ld_stored, c0, t, n, out.row_scale.data(), p.label_col.data(),
-                               out.gt.data(), p.w_inv.data() + c0, out.lost.data(), p.x_hat.data(), p.w.data() + c0 * d,
-                               d, out.lse2.data(), out.gs.data(), q, b.data(), ld);
+        kc::stored_grad_kernel(store ? f.stored.data() : nullptr, f.ld_stored, c0, t, n,
+                               store ? out.row_scale.data() : nullptr, p.label_col.data(), out.gt.data(),
+                               p.w_inv.data() + c0, store ? out.lost.data() : nullptr, p.x_hat.data(),
+                               p.w.data() + c0 * d, d, out.lse2.data(), out.gs.data(), q, b.data(), ld);
       });
-    } else {  // the recompute GEMM's epilogue: B and the per-row-tile sums r_c
+    } else {  // the recompute GEMM's epilogue: B and the per-row-tile sums r_c, then the projection kernel
       const int64_t t_pad = round_up(t, kTileClasses), row_tiles = (n + kTileRows - 1) / kTileRows;
-      std::vector<float> r_partial(row_tiles * t_pad, 0.f);
+      std::vector<float> r_partial(row_tiles * t_pad, 0.f), beta(t, std::nanf(""));
       for (int64_t i = 0; i < n; ++i) {
         for (int64_t c = 0; c < t; ++c) {
           const float raw = raw_dot(p, i, c0 + c);
@@ -274,12 +297,22 @@ Backward run_backward(const Problem& p, const MarginParams<double>& m, const For
         }
       }
       cuda_emulation::launch(small_grids ? 1u : grid_of(t, kc::kThreads), kc::kThreads, [&] {
-        kc::projection_kernel(r_partial.data(), row_tiles, t_pad, p.w_inv.data() + c0, t, out.beta.data() + c0);
+        kc::projection_kernel(r_partial.data(), row_tiles, t_pad, p.w_inv.data() + c0, t, beta.data());
       });
+      std::copy(beta.begin(), beta.end(), out.beta.begin() + c0);
     }
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t c = 0; c < t; ++c) out.b[i * classes + c0 + c] = widen(b[i * ld + c]);
     }
+  };
+  for (int64_t c0 = 0; c0 < c_gemm; c0 += chunk) run_chunk(c0, std::min(chunk, c_gemm - c0));
+  for (int64_t c0 = c_gemm; c0 < classes; c0 += chunk) run_chunk(c0, std::min(chunk, classes - c0));
+  // The classes whose dW the chunked path's projection kernel finishes (from E = B^T x^): its coefficient in
+  // float64 from the same B.
+  for (int64_t c = c_gemm; c < classes; ++c) {
+    double r = 0;
+    for (int64_t i = 0; i < n; ++i) r += double(out.b[i * classes + c]) * raw_dot(p, i, c);
+    out.beta[c] = -double(p.w_inv[c]) * p.w_inv[c] * r;
   }
   return out;
 }
@@ -326,7 +359,7 @@ void check_setting(const Problem& p, const Setting& st, bool underflow) {
   const Reference ref = reference(p, m, g, g_target);
 
   // Forward.
-  const Forward f = run_forward(p, m, false);
+  const Forward f = run_forward(p, m, false, false);
   double cos_err = 0, logit_err = 0, exp_err = 0, lse_err = 0;
   int zero_rows_ok = 0, zero_rows = 0, flagged = 0, flag_wrong = 0;
   for (int64_t i = 0; i < p.n; ++i) {
@@ -355,16 +388,23 @@ void check_setting(const Problem& p, const Setting& st, bool underflow) {
   } else if (!underflow) {
     CHECK_MSG(flagged == 0, where << ": " << flagged << " rows took the true max");
   }
-  const Forward f_small = run_forward(p, m, true);
-  CHECK_MSG(same_bits(f_small.lse, f.lse) && same_bits(f_small.target_logit, f.target_logit) &&
-                same_bits(f_small.true_max, f.true_max) && same_bits(f_small.target_exp, f.target_exp),
+  // The store-E forward: its GEMM's classes, then the tail kernel's (onto the GEMM's last partial or alone).
+  const Forward f_store = run_forward(p, m, true, false);
+  double store_lse_err = 0;
+  for (int64_t i = 0; i < p.n; ++i) store_lse_err = std::max(store_lse_err, std::fabs(f_store.lse[i] - ref.lse[i]));
+  CHECK_MSG(store_lse_err < 2e-4, where << ": store-E forward lse error " << store_lse_err);
+  CHECK_MSG(same_bits(f_store.true_max, f.true_max), where << ": the store-E forward flags other rows");
+  const Forward f_small = run_forward(p, m, true, true);
+  CHECK_MSG(same_bits(f_small.lse, f_store.lse) && same_bits(f_small.target_logit, f_store.target_logit) &&
+                same_bits(f_small.true_max, f_store.true_max) && same_bits(f_small.target_exp, f_store.target_exp) &&
+                same_bits(f_small.stored, f_store.stored),
             where << ": the forward's outputs depend on the grid");
 
-  // Backward, both modes, in chunks of 256 classes (the last one 88) and as one chunk.
+  // Backward, both modes (each from its own forward), in chunks of 256 classes and as one chunk.
   const Backward rec = run_backward(p, m, f, g, g_target, false, 256, false);
   const Backward rec_one = run_backward(p, m, f, g, g_target, false, 768, false);
-  const Backward sto = run_backward(p, m, f, g, g_target, true, 256, false);
-  const Backward sto_small = run_backward(p, m, f, g, g_target, true, 512, true);
+  const Backward sto = run_backward(p, m, f_store, g, g_target, true, 256, false);
+  const Backward sto_small = run_backward(p, m, f_store, g, g_target, true, 512, true);
   CHECK_MSG(same_bits(rec.b, rec_one.b) && same_bits(rec.beta, rec_one.beta),
             where << ": recompute mode depends on the chunk size");
   CHECK_MSG(same_bits(sto.b, sto_small.b), where << ": store-E mode depends on the chunk size or the grid");
@@ -397,7 +437,7 @@ void check_setting(const Problem& p, const Setting& st, bool underflow) {
                                            << " recomputed store-E rows differ from recompute mode");
 
   // beta from the kernel against float64 from the same bf16 B, then the gradients against the chain rule.
-  std::vector<double> b_rec(rec.b.begin(), rec.b.end()), beta_want(p.classes), beta_got(rec.beta.begin(), rec.beta.end());
+  std::vector<double> b_rec(rec.b.begin(), rec.b.end()), beta_want(p.classes), beta_got = rec.beta;
   for (int64_t c = 0; c < p.classes; ++c) {
     double r = 0;
     for (int64_t i = 0; i < p.n; ++i) r += b_rec[i * p.classes + c] * raw_dot(p, i, c);

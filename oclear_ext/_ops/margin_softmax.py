@@ -272,8 +272,8 @@ def margin_softmax_loss(
             run the call raises, naming why.
         backward: "recompute" (default) or "store" (backend "cutlass_sm90" only; None: the block's): the
             forward keeps the bf16 N x C values exp(s cos - s) / |w_c| so that the backward needs no logit
-            GEMM; refused above margin_softmax_options' store_budget_bytes (4 GiB by default) or the device's
-            free memory.
+            GEMM; refused above margin_softmax_options' store_budget_bytes (4 GiB by default) or when the
+            values do not fit in the device's memory.
 
     Returns:
         The loss: a scalar, or (N,) for reduction="none"; float32 for 16-bit inputs (the statistics are

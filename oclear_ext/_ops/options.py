@@ -62,7 +62,7 @@ def margin_softmax_options(*, class_chunk=_UNSET, check_labels=_UNSET, backend=_
     any other call raises, naming why); `backward`: "recompute" (the logits are recomputed in the backward) or
     "store" (backend "cutlass_sm90" only: the forward keeps the bf16 N x C values E' = exp(s cos - s) / |w|
     and the backward runs two GEMMs instead of three; refused above `store_budget_bytes`, 4 GiB by default,
-    or above the device's free memory). Nested blocks restore the outer values."""
+    or when the values do not fit in the device's memory). Nested blocks restore the outer values."""
     global _current
     changes = {}
     if class_chunk is not _UNSET:
