@@ -160,9 +160,10 @@ __global__ void __launch_bounds__(kThreads) stored_grad_kernel(const __nv_bfloat
     for (int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x; c < t; c += int64_t(gridDim.x) * kThreads) {
       const bool is_target = static_cast<float>(c0 + c) == y;
       const float grad =
-          recompute ? fused::recompute_grad(thread_dot(x_hat + i * d, w + c * d, d), w_inv[c], is_target, lse2[i], gs[i],
-                                            g, shift)
-                    : fused::stored_grad(__bfloat162float(stored[i * ld_stored + c0 + c]), a, is_target, g, w_inv[c]);
+          recompute
+              ? fused::recompute_grad(thread_dot(x_hat + i * d, w + c * d, d), w_inv[c], is_target, lse2[i], gs[i], g,
+                                      shift)
+              : fused::stored_grad(__bfloat162float(stored[i * ld_stored + c0 + c]), a, is_target, g, w_inv[c]);
       b[i * ld_b + c] = __float2bfloat16_rn(grad);
     }
   }

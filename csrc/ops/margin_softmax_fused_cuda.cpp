@@ -294,8 +294,9 @@ std::tuple<at::Tensor, at::Tensor> fused_backward(const at::Tensor& grad_lse, co
   for (int64_t c0 = c_gemm; c0 < c_local; c0 += t_max) {
     const int64_t t = std::min(t_max, c_local - c0);
     const at::Tensor w_chunk = weight.narrow(0, c0, t);
-    check_kernel(cuda::launch_fused_stored_grad(store_mode ? stored.data_ptr() : nullptr, store_mode ? stored.stride(0) : 0,
-                                                c0, t, n, store_mode ? row_scale.data_ptr<float>() : nullptr,
+    check_kernel(cuda::launch_fused_stored_grad(store_mode ? stored.data_ptr() : nullptr,
+                                                store_mode ? stored.stride(0) : 0, c0, t, n,
+                                                store_mode ? row_scale.data_ptr<float>() : nullptr,
                                                 rows.label_col.data_ptr<float>(), gt.data_ptr<float>(),
                                                 w_inv.data_ptr<float>() + c0,
                                                 store_mode ? lost_row.data_ptr<int32_t>() : nullptr,

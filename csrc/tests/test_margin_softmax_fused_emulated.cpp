@@ -93,7 +93,9 @@ Problem make_problem(bool underflow, uint64_t seed) {
     // Underflow: every cosine with dir near -0.95, class 17's near -0.5 (row 1's target, which then carries
     // much of its row's softmax: the true max must take it with its margin).
     const double along = c == 17 ? -0.17 : -1.0;
-    for (int64_t k = 0; k < p.d; ++k) w[c * p.d + k] = underflow ? along * dir[k] + 0.3 * normal(rng) : 2.0 * normal(rng);
+    for (int64_t k = 0; k < p.d; ++k) {
+      w[c * p.d + k] = underflow ? along * dir[k] + 0.3 * normal(rng) : 2.0 * normal(rng);
+    }
   }
   p.labels.resize(p.n);
   for (int64_t i = 0; i < p.n; ++i) {
@@ -116,7 +118,9 @@ Problem make_problem(bool underflow, uint64_t seed) {
   for (int64_t i = 0; i < p.n; ++i) {
     double norm = 0;
     for (int64_t k = 0; k < p.d; ++k) norm += x[i * p.d + k] * x[i * p.d + k];
-    for (int64_t k = 0; k < p.d; ++k) p.x_hat.push_back(__float2bfloat16(static_cast<float>(x[i * p.d + k] / std::sqrt(norm))));
+    for (int64_t k = 0; k < p.d; ++k) {
+      p.x_hat.push_back(__float2bfloat16(static_cast<float>(x[i * p.d + k] / std::sqrt(norm))));
+    }
   }
   for (double v : w) p.w.push_back(__float2bfloat16(static_cast<float>(v)));
   for (int64_t c = 0; c < p.classes; ++c) {
@@ -443,7 +447,8 @@ void check_setting(const Problem& p, const Setting& st, bool underflow) {
     for (int64_t i = 0; i < p.n; ++i) r += b_rec[i * p.classes + c] * raw_dot(p, i, c);
     beta_want[c] = -double(p.w_inv[c]) * p.w_inv[c] * r;
   }
-  CHECK_MSG(relative_error(beta_got, beta_want) < 1e-6, where << ": beta error " << relative_error(beta_got, beta_want));
+  const double beta_err = relative_error(beta_got, beta_want);
+  CHECK_MSG(beta_err < 1e-6, where << ": beta error " << beta_err);
   std::vector<double> dx, dw, dx_ref, dw_ref, beta_ref(p.classes);
   for (int64_t c = 0; c < p.classes; ++c) {  // float64 projection of the reference's own E
     double r = 0;
