@@ -170,9 +170,7 @@ def backward(x, w_rows, labels, lse, grad_lse, grad_target, mg: Margin, class_st
             # Rows whose E' the flush lost (fused_margin.h's stored_row_lost) recompute their logits.
             lost = ~(torch.exp(lse.double() - mg.scale) >= classes * 2.0 ** -101)
             if lost.any():
-                b_lost = _recomputed_grad(gemm(x_hat[lost], wc), wic, lse2[lost], gs[lost], k, mg)
-                b = torch.where(lost[:, None], torch.zeros_like(b), b)
-                b[lost] = b_lost
+                b[lost] = _recomputed_grad(gemm(x_hat[lost], wc), wic, lse2[lost], gs[lost], k, mg)
         b = bf16(torch.where(is_target, gt[:, None] * wic, b))
         grad_x_hat += gemm(b, wc.T.contiguous())
         e_rows = gemm(b.T.contiguous(), x_hat.T.contiguous())

@@ -105,15 +105,19 @@ def test_chunking_changes_nothing_but_the_dx_summation_order():
         assert rel(gx, results[0][0]) < 1e-6
 
 
-def test_rows_that_underflow_the_fixed_shift_take_the_true_max():
-    # s = 64 and every cosine of a row near -0.9: exp(s cos - s) < 2^-126 for every class, a zero sum.
+def underflow_problem():
+    """8 rows, 600 classes, no target in the shard (nothing rescues the sum), CosFace at s = 64: every cosine of
+    rows 0-2 near -0.9, so exp(s cos - s) < 2^-126 for every class and their fixed-shift sum is 0."""
     d, classes = 32, 600
     g = torch.Generator().manual_seed(5)
     direction = torch.randn(d, generator=g)
     w = -direction[None, :] + 0.3 * torch.randn(classes, d, generator=g)
     x = torch.cat([direction[None, :].expand(3, d), torch.randn(5, d, generator=g)])
-    labels = torch.full((8,), -100)  # no target in the shard: nothing rescues the sum
-    mg = fm.Margin(64.0, (1.0, 0.0, 0.4))
+    return x, w, torch.full((8,), -100), fm.Margin(64.0, (1.0, 0.0, 0.4))
+
+
+def test_rows_that_underflow_the_fixed_shift_take_the_true_max():
+    x, w, labels, mg = underflow_problem()
     lse, _, _, _, true_max = fm.forward(x, w, labels, mg)
     assert true_max[:3].all() and not true_max[3:].any()
     xd, wd = fm.normalise(x)[0].double(), fm.bf16(w).double()
@@ -146,13 +150,7 @@ def test_store_e_and_recompute_agree():
 def test_store_e_recomputes_the_rows_the_flush_lost():
     # The rows of the true-max test: every stored E' of the first three rows is flushed to 0, so their gradient
     # must come from recomputed logits (fused_margin.h's stored_row_lost), not from a * E' = 0.
-    d, classes = 32, 600
-    g = torch.Generator().manual_seed(5)
-    direction = torch.randn(d, generator=g)
-    w = -direction[None, :] + 0.3 * torch.randn(classes, d, generator=g)
-    x = torch.cat([direction[None, :].expand(3, d), torch.randn(5, d, generator=g)])
-    labels = torch.full((8,), -100)
-    mg = fm.Margin(64.0, (1.0, 0.0, 0.4))
+    x, w, labels, mg = underflow_problem()
     lse, _, _, stored, true_max = fm.forward(x, w, labels, mg, store_e=True)
     assert true_max[:3].all() and torch.count_nonzero(stored[:3]) == 0
     grad = torch.full((8,), 1.0 / 8)

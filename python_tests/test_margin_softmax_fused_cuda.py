@@ -80,13 +80,19 @@ def test_chunk_edges_and_determinism(class_chunk):
     assert rel(first[2], want[2]) < 2e-2
 
 
-def test_underflowing_rows_take_the_true_max():
-    d, c = 64, 3000
-    g = torch.Generator().manual_seed(8)
+def underflow_inputs(seed, c=3000, d=64):
+    """8 rows, no target in the shard: every cosine of rows 0-3 near -0.95, so at s = 64 their fixed-shift sum
+    underflows (the forward's true-max rows) and their E' is all zeros."""
+    g = torch.Generator().manual_seed(seed)
     direction = torch.randn(d, generator=g)
     w = (-direction[None, :] + 0.2 * torch.randn(c, d, generator=g)).cuda().bfloat16()
     x = torch.cat([direction[None, :].expand(4, d), torch.randn(4, d, generator=g)]).cuda().bfloat16()
-    labels = torch.full((8,), -100, device="cuda")
+    return x, w, torch.full((8,), -100, device="cuda")
+
+
+def test_underflowing_rows_take_the_true_max():
+    c = 3000
+    x, w, labels = underflow_inputs(8, c)
     forward = torch.ops.oclear.margin_softmax_forward
     lse, _, _ = forward(x, w, labels, 0, c, 64.0, 1.0, 0.0, 0.4, None, -100, False, 0, True, "cutlass_sm90")
     # The chunked path (a running max, the same bf16 x^) as the reference: against float64 on exactly normalised
@@ -136,20 +142,17 @@ def test_store_mode_matches_recompute(margin):
     stored = loss_and_grads(x, w, labels, backward="store", **kwargs)
     recomputed = loss_and_grads(x, w, labels, **kwargs)
     want = loss_and_grads(x.double(), w.double(), labels, scale=64.0, margin=MARGINS[margin])
-    assert torch.equal(stored[0], recomputed[0])  # the same forward GEMM and merge
+    # The same merge; only the last class tile's partial is summed in another order (the store-E GEMM takes 5000
+    # classes and the tail kernel adds the last 3 onto it), so the losses agree to float32 rounding.
+    torch.testing.assert_close(stored[0], recomputed[0], rtol=1e-6, atol=0)
     for got, base, ref in zip(stored[1:], recomputed[1:], want[1:]):
         assert rel(got, ref) <= 2 * rel(base, ref) + 1e-3  # E' is rounded to bf16 once more
 
 
 def test_store_mode_recomputes_the_rows_lost_to_the_flush():
-    # Rows 0-3: every cosine near -0.95 at s = 64, so their E' is all zeros (the forward's true-max rows); the
-    # store-E backward must recompute their logits and agree with recompute mode.
-    d, c = 64, 3000
-    g = torch.Generator().manual_seed(7)
-    direction = torch.randn(d, generator=g)
-    w = (-direction[None, :] + 0.2 * torch.randn(c, d, generator=g)).cuda().bfloat16()
-    x = torch.cat([direction[None, :].expand(4, d), torch.randn(4, d, generator=g)]).cuda().bfloat16()
-    labels = torch.full((8,), -100, device="cuda")
+    # Rows 0-3's E' is all zeros: the store-E backward must recompute their logits and agree with recompute mode.
+    c = 3000
+    x, w, labels = underflow_inputs(7, c)
     args = (0, c, 64.0, 1.0, 0.0, 0.4, None, -100, False, 0, True, "cutlass_sm90")
     lse, _, w_inv, stored = torch.ops.oclear.margin_softmax_forward_stored(x, w, labels, *args)
     assert torch.count_nonzero(stored[:4]) == 0
